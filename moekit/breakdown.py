@@ -1,0 +1,92 @@
+"""``Breakdown``: bytes per memory category, per GPU and per host.
+
+``estimate``, ``simulate`` and ``measure`` all return this one type with the same category names,
+so a notebook can put prediction, simulation and measurement side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: The categories, in the order plots stack them.
+CATEGORIES = (
+    "weights",  # parameters held on the device (16-bit copies, fp32 masters, 4-bit QLoRA base)
+    "gradients",  # gradient buffers of trainable parameters
+    "optimizer_states",  # Adam moments (and fp32 master weights under mixed precision)
+    "activations",  # tensors saved for backward, alive at the end of forward
+    "temporaries",  # short-lived tensors at the peak of backward / the optimizer step
+    "buffers",  # DeepSpeed communication buckets, ZeRO-3 prefetch and live gathered parameters
+    "overhead",  # CUDA context and allocator reserve / fragmentation
+)
+
+GiB = 2**30
+
+
+@dataclass
+class Breakdown:
+    """Memory in bytes by category, for one GPU (rank) and for one host.
+
+    total_bytes is the predicted (or measured) peak, which is not always the sum of the categories:
+    temporaries of backward and of the optimizer step are not alive at the same time.
+    """
+
+    source: str  # "estimate", "simulate" or "measure"
+    per_gpu: dict[str, int]
+    per_host: dict[str, int] = field(default_factory=dict)
+    total_bytes: int | None = None
+    gpu_memory_bytes: int | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.per_gpu) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"unknown categories {sorted(unknown)}; use {', '.join(CATEGORIES)}")
+        self.per_gpu = {c: int(self.per_gpu.get(c, 0)) for c in CATEGORIES}
+        if self.total_bytes is None:
+            self.total_bytes = sum(self.per_gpu.values())
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu_memory_bytes is None:
+            return None
+        return self.total_bytes <= self.gpu_memory_bytes
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        if self.gpu_memory_bytes is None:
+            return None
+        return self.gpu_memory_bytes - self.total_bytes
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.per_gpu["weights"] + self.per_gpu["gradients"] + self.per_gpu["optimizer_states"]
+
+    def largest_category(self) -> str:
+        """The category holding the most bytes: the first thing to attack when it does not fit."""
+        return max(CATEGORIES, key=lambda c: self.per_gpu[c])
+
+    def as_dict(self) -> dict:
+        per_gpu = dict(self.per_gpu)
+        per_gpu["total"] = self.total_bytes
+        return {
+            "source": self.source,
+            "per_gpu": per_gpu,
+            "per_host": dict(self.per_host),
+            "gpu_memory_bytes": self.gpu_memory_bytes,
+            "fits": self.fits,
+            "headroom_bytes": self.headroom_bytes,
+        }
+
+    def table(self) -> str:
+        """A readable per-GPU table in GiB."""
+        rows = [f"{'category':<18}{'GiB per GPU':>14}"]
+        for category in CATEGORIES:
+            rows.append(f"{category:<18}{self.per_gpu[category] / GiB:>14.2f}")
+        rows.append(f"{'total (peak)':<18}{self.total_bytes / GiB:>14.2f}")
+        if self.gpu_memory_bytes is not None:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            rows.append(f"{'GPU memory':<18}{self.gpu_memory_bytes / GiB:>14.2f}")
+            rows.append(f"{'headroom':<18}{self.headroom_bytes / GiB:>14.2f}   -> {verdict}")
+        for key, value in self.per_host.items():
+            rows.append(f"host {key:<13}{value / GiB:>14.2f}")
+        return "\n".join(rows)

@@ -1,0 +1,341 @@
+"""Model presets, building models on meta / CPU / fake devices, and an exact parameter census.
+
+Everything here is offline: shapes come from the JSON presets bundled in ``moekit/presets/models``
+or from a local Hugging Face model folder; weights are seeded random numbers or read from local
+safetensors files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from moekit.errors import MoekitError
+
+Device = Literal["meta", "cpu", "fake"]
+
+#: model_type -> the config attribute that holds the number of routed experts (None: dense model).
+SUPPORTED_MODEL_TYPES: dict[str, str | None] = {
+    "mixtral": "num_local_experts",
+    "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_experts",
+    "olmoe": "num_experts",
+    "mistral": None,
+    "llama": None,
+}
+
+COMPONENTS = (
+    "embeddings",
+    "attention",
+    "router",
+    "experts",
+    "shared_experts",
+    "mlp",
+    "norms",
+    "lm_head",
+    "lora",
+)
+
+
+class ModelError(MoekitError):
+    """A model name, folder or config that moekit cannot use; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and configs
+# --------------------------------------------------------------------------------------------
+
+
+def _preset_dir() -> Path:
+    return Path(str(resources.files("moekit") / "presets" / "models"))
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled model presets, sorted."""
+    return sorted(p.stem for p in _preset_dir().glob("*.json"))
+
+
+def preset_description(name: str) -> str:
+    """The one-line description stored with a preset."""
+    data = json.loads((_preset_dir() / f"{name}.json").read_text())
+    return data.get("_moekit_description", "")
+
+
+def _config_from_dict(data: dict, source: str) -> PretrainedConfig:
+    data = {k: v for k, v in data.items() if not k.startswith("_moekit")}
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise ModelError(f"{source} has no 'model_type'; is it a Hugging Face config.json?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"{source} is a '{model_type}' model, which moekit does not support. "
+            f"Supported model types: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}."
+        )
+    data.pop("model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def load_config(model: str | Path) -> PretrainedConfig:
+    """A transformers config from a preset name, a model folder, or a config.json path (offline)."""
+    model_str = str(model)
+    if model_str in list_presets():
+        path = _preset_dir() / f"{model_str}.json"
+        config = _config_from_dict(json.loads(path.read_text()), f"preset '{model_str}'")
+        config.name_or_path = model_str
+        return config
+    path = Path(model_str).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelError(
+                f"the folder {path} has no config.json; point --model at a Hugging Face model "
+                "folder (config.json plus *.safetensors) or use a preset name."
+            )
+    elif path.is_file():
+        config_file = path
+    else:
+        raise ModelError(
+            f"unknown model '{model_str}': it is neither a preset nor an existing path. "
+            f"Known presets: {', '.join(list_presets())}."
+        )
+    try:
+        data = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{config_file} is not valid JSON: {err}") from err
+    config = _config_from_dict(data, str(config_file))
+    config.name_or_path = str(path)
+    return config
+
+
+def as_config(model: str | Path | PretrainedConfig) -> PretrainedConfig:
+    """Accept a preset name, a path, or an already-loaded config."""
+    return model if isinstance(model, PretrainedConfig) else load_config(model)
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """The mixture-of-experts facts a memory model needs (num_experts 0 means dense)."""
+
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    shared_expert_intermediate_size: int
+
+
+def moe_shape(config: PretrainedConfig) -> MoEShape:
+    """Number of routed experts, top-k, and expert widths, whatever the model family calls them."""
+    attr = SUPPORTED_MODEL_TYPES.get(config.model_type)
+    if attr is None:
+        return MoEShape(0, 0, 0, 0)
+    intermediate = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return MoEShape(
+        num_experts=int(getattr(config, attr)),
+        experts_per_token=int(config.num_experts_per_tok),
+        expert_intermediate_size=int(intermediate),
+        shared_expert_intermediate_size=int(getattr(config, "shared_expert_intermediate_size", 0) or 0),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Building models
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Temporarily set torch's default dtype (the way to build a bf16 model under fake tensors)."""
+    if dtype is None:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def config_with_layers(config: PretrainedConfig, num_layers: int | None) -> PretrainedConfig:
+    """A copy of the config truncated (or extended) to num_layers decoder layers."""
+    config = config.__class__.from_dict(config.to_dict())
+    if num_layers is not None:
+        config.num_hidden_layers = int(num_layers)
+    return config
+
+
+def build_model(
+    model: str | Path | PretrainedConfig,
+    device: Device = "meta",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = torch.float32,
+    num_layers: int | None = None,
+    attn_implementation: str = "sdpa",
+) -> torch.nn.Module:
+    """Build a causal LM from a preset or config with no weights downloaded.
+
+    device:
+      - ``meta``: shapes only, instant at any size (for censuses and LoRA counts).
+      - ``cpu``: real seeded random weights (use the small presets).
+      - ``fake``: PyTorch FakeTensors on the CPU: any size, no memory; call this inside your own
+        ``FakeTensorMode`` context, or let this function open one (the tensors then stay fake).
+    dtype: parameter dtype, applied through torch's default dtype while building (``model.to``
+      does not work on fake tensors).
+    """
+    config = config_with_layers(as_config(model), num_layers)
+    config._attn_implementation = attn_implementation
+    if device == "meta":
+        ctx: contextlib.AbstractContextManager = torch.device("meta")
+    elif device == "cpu":
+        torch.manual_seed(seed)
+        ctx = contextlib.nullcontext()
+    elif device == "fake":
+        ctx = _fake_mode_if_needed()
+    else:
+        raise ModelError(f"unknown device '{device}'; use 'meta', 'cpu' or 'fake'.")
+    with ctx, default_dtype(dtype):
+        built = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return built
+
+
+def _fake_mode_if_needed() -> contextlib.AbstractContextManager:
+    from torch._guards import active_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if active_fake_mode() is not None:
+        return contextlib.nullcontext()
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def load_pretrained(
+    folder: str | Path, *, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"
+) -> torch.nn.Module:
+    """Load real weights from a local Hugging Face folder (safetensors); never touches the network."""
+    folder = Path(folder).expanduser()
+    load_config(folder)  # a clear error for a missing config or an unsupported architecture
+    return AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter census
+# --------------------------------------------------------------------------------------------
+
+
+def component_of(param_name: str) -> str:
+    """Which component of a decoder-only LM a parameter belongs to, from its name."""
+    parts = param_name.split(".")
+    if any(part.startswith("lora_") for part in parts):
+        return "lora"
+    if "embed_tokens" in parts:
+        return "embeddings"
+    if parts[0] == "lm_head":
+        return "lm_head"
+    if "experts" in parts:
+        return "experts"
+    if "shared_expert" in parts or "shared_expert_gate" in parts:
+        return "shared_experts"
+    if "norm" in parts[-2] or "layernorm" in parts[-2]:
+        return "norms"
+    if "self_attn" in parts:
+        return "attention"
+    if "mlp" in parts and parts[parts.index("mlp") + 1] == "gate":
+        return "router"
+    if "mlp" in parts:
+        return "mlp"
+    raise ModelError(f"cannot tell which component '{param_name}' belongs to")
+
+
+@dataclass
+class ParamCensus:
+    """Exact parameter counts by component, for a built model (meta, fake or real)."""
+
+    model: str
+    num_params_by_component: dict[str, int]
+    num_trainable_by_component: dict[str, int]
+    num_experts: int
+    experts_per_token: int
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.num_params_by_component.values())
+
+    @property
+    def num_trainable_params(self) -> int:
+        return sum(self.num_trainable_by_component.values())
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token touches: every routed expert counts only top-k / num_experts."""
+        total = self.num_params
+        experts = self.num_params_by_component.get("experts", 0)
+        if self.num_experts:
+            return total - experts + experts * self.experts_per_token // self.num_experts
+        return total
+
+    def param_bytes(self, bytes_per_param: float) -> int:
+        """Bytes to hold every parameter at a given width (2 for bf16/fp16, 4 for fp32, 0.5 nf4)."""
+        return int(self.num_params * bytes_per_param)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.model,
+            "num_params": self.num_params,
+            "num_active_params": self.num_active_params,
+            "num_trainable_params": self.num_trainable_params,
+            "num_experts": self.num_experts,
+            "experts_per_token": self.experts_per_token,
+            "num_params_by_component": dict(self.num_params_by_component),
+            "bytes_by_dtype": dict(self.bytes_by_dtype),
+        }
+
+
+def census_of_module(module: torch.nn.Module, config: PretrainedConfig, name: str = "") -> ParamCensus:
+    """Count every parameter of a built model by component (shared tensors counted once)."""
+    counts = {c: 0 for c in COMPONENTS}
+    trainable = {c: 0 for c in COMPONENTS}
+    bytes_by_dtype: dict[str, int] = {}
+    for param_name, param in module.named_parameters():  # named_parameters() dedupes tied weights
+        component = component_of(param_name.removeprefix("base_model.model."))
+        counts[component] += param.numel()
+        if param.requires_grad:
+            trainable[component] += param.numel()
+        dtype_name = str(param.dtype).removeprefix("torch.")
+        bytes_by_dtype[dtype_name] = bytes_by_dtype.get(dtype_name, 0) + param.numel() * param.element_size()
+    shape = moe_shape(config)
+    return ParamCensus(
+        model=name or str(config.name_or_path),
+        num_params_by_component={c: n for c, n in counts.items() if n},
+        num_trainable_by_component={c: n for c, n in trainable.items() if n},
+        num_experts=shape.num_experts,
+        experts_per_token=shape.experts_per_token,
+        bytes_by_dtype=bytes_by_dtype,
+    )
+
+
+def parameter_census(model: str | Path | PretrainedConfig) -> ParamCensus:
+    """Exact census of a preset or config, built on the meta device (instant at any size)."""
+    config = as_config(model)
+    return census_of_module(build_model(config, "meta"), config, str(config.name_or_path))
+
+
+def per_layer_census(model: str | Path | PretrainedConfig) -> dict[str, int]:
+    """Parameters of one decoder layer by component (all layers of these models are alike)."""
+    config = as_config(model)
+    layer = build_model(config, "meta", num_layers=1)
+    counts: dict[str, int] = {}
+    for param_name, param in layer.named_parameters():
+        if ".layers.0." in param_name:
+            component = component_of(param_name)
+            counts[component] = counts.get(component, 0) + param.numel()
+    return counts

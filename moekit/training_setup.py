@@ -1,0 +1,174 @@
+"""The one object that describes a fine-tuning run: ``TrainingSetup``.
+
+It is validated when it is made and immutable afterwards; every other part of moekit (estimate,
+simulate, measure, ds_config, train, launch, plan) takes it. Make variants with ``setup.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moekit.errors import MoekitError
+
+Method = Literal["full", "lora", "qlora"]
+Precision = Literal["fp32", "fp16", "bf16"]
+Offload = Literal["none", "optimizer", "optimizer+params"]
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
+
+METHODS = ("full", "lora", "qlora")
+PRECISIONS = ("fp32", "fp16", "bf16")
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+OFFLOAD_DEVICES = ("cpu", "nvme")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+
+#: GPU memory is given in GB as GPUs are sold; NVIDIA's "40GB" is 40 GiB (40,960 MiB in nvidia-smi).
+BYTES_PER_GB = 2**30
+
+
+class SetupError(MoekitError):
+    """An invalid training setup; the message says which values disagree and what to change."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter: rank, scaling, dropout and what it targets.
+
+    targets: groups a learner understands (``attention``, ``experts``, ``router``, ``all-linear``,
+    ``shared_experts``) or raw module / parameter names (``q_proj``, ``gate_up_proj``, article-era
+    ``w1``/``w2``/``w3``); ``moekit.lora`` resolves them against the real model.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("attention", "experts")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        else:
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.r <= 0:
+            raise SetupError(f"LoRA rank r must be a positive integer, got r={self.r}; try r=8 or r=16.")
+        if self.alpha <= 0:
+            raise SetupError(f"lora_alpha must be positive, got {self.alpha}; the usual choice is 2*r.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SetupError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+        if not self.targets:
+            raise SetupError("LoRA needs at least one target, e.g. targets=('attention', 'experts').")
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """Everything that decides a fine-tuning run's memory and its DeepSpeed configuration."""
+
+    model: str = "mixtral-8x7b"
+    method: Method = "lora"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    precision: Precision = "bf16"
+    zero_stage: int = 2
+    offload: Offload = "none"
+    offload_device: str = "cpu"
+    nvme_path: str | None = None
+    gpus_per_node: int = 8
+    num_nodes: int = 1
+    gpu_memory_gb: float = 40.0
+    host_memory_gb: float | None = None
+    seq_len: int = 4096
+    micro_batch: int = 1
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    packing: bool = True
+    attn_implementation: Attention = "sdpa"
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("offload", self.offload, OFFLOADS)
+        _check_choice("offload_device", self.offload_device, OFFLOAD_DEVICES)
+        _check_choice("attn_implementation", self.attn_implementation, ATTENTIONS)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise SetupError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}.")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise SetupError(
+                f"offload='{self.offload}' needs ZeRO stage 1, 2 or 3 (DeepSpeed offloads the "
+                "partitioned optimizer); set zero_stage>=1 or offload='none'."
+            )
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise SetupError(
+                f"offloading parameters needs ZeRO-3 (only stage 3 partitions parameters), got "
+                f"zero_stage={self.zero_stage}; use zero_stage=3 or offload='optimizer'."
+            )
+        if self.offload_device == "nvme" and not self.nvme_path:
+            raise SetupError("offload_device='nvme' needs nvme_path, a folder on a fast local disk.")
+        if self.method == "qlora" and self.precision == "fp32":
+            raise SetupError("QLoRA computes in 16 bits; use precision='bf16' (or 'fp16').")
+        if self.method == "qlora" and self.zero_stage == 3:
+            raise SetupError(
+                "QLoRA's 4-bit base weights cannot be partitioned by ZeRO-3 here; use zero_stage<=2."
+            )
+        for name in ("gpus_per_node", "num_nodes", "seq_len", "micro_batch", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SetupError(f"{name} must be a positive integer, got {value!r}.")
+        if self.gpu_memory_gb <= 0:
+            raise SetupError(f"gpu_memory_gb must be positive, got {self.gpu_memory_gb}.")
+        if self.host_memory_gb is not None and self.host_memory_gb <= 0:
+            raise SetupError(f"host_memory_gb must be positive, got {self.host_memory_gb}.")
+
+    # Derived values -------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        """Data-parallel ranks: every GPU of every node."""
+        return self.gpus_per_node * self.num_nodes
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: micro-batch x accumulation x ranks."""
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        return int(self.gpu_memory_gb * BYTES_PER_GB)
+
+    @property
+    def host_memory_bytes(self) -> int | None:
+        return None if self.host_memory_gb is None else int(self.host_memory_gb * BYTES_PER_GB)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    def replace(self, **changes) -> TrainingSetup:
+        """A validated copy with some fields changed (``lora_r=8`` etc. change the LoRA spec)."""
+        lora_changes = {k.removeprefix("lora_"): changes.pop(k) for k in list(changes) if k.startswith("lora_")}
+        if lora_changes:
+            changes["lora"] = dataclasses.replace(changes.get("lora", self.lora), **lora_changes)
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["lora"]["targets"] = list(self.lora.targets)
+        return data
+
+    def describe(self) -> str:
+        """A one-line summary for tables and plot titles."""
+        method = self.method if not self.uses_lora else f"{self.method} r={self.lora.r}"
+        offload = "" if self.offload == "none" else f" +offload {self.offload}"
+        ckpt = " +ckpt" if self.activation_checkpointing else ""
+        return (
+            f"{self.model} {method} {self.precision} ZeRO-{self.zero_stage}{offload}{ckpt} "
+            f"seq {self.seq_len} x mb {self.micro_batch} on {self.num_nodes}x{self.gpus_per_node} "
+            f"x {self.gpu_memory_gb:g} GB"
+        )
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SetupError(f"{name} must be one of {', '.join(choices)}; got '{value}'.")

@@ -1,0 +1,36 @@
+"""The moekit command line: tables, JSON, and one-line errors for user mistakes."""
+
+import json
+import subprocess
+import sys
+
+from moekit.cli import main
+
+
+def test_models_json_lists_every_preset(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    mixtral = rows["mixtral-8x7b"]
+    assert mixtral["num_params"] == 46_702_792_704
+    assert mixtral["num_active_params"] == 12_879_925_248
+    assert (mixtral["num_experts"], mixtral["experts_per_token"]) == (8, 2)
+    assert rows["mistral-7b"]["num_experts"] == 0
+
+
+def test_models_table_is_readable(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "46,702,792,704" in out and "active/token" in out
+
+
+def test_unknown_model_is_one_line_without_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "moekit.cli", "models", "--model", "nope"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "Known presets:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_console_script_help_explains():
+    result = subprocess.run(["moekit", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "models" in result.stdout
