@@ -42,7 +42,8 @@ class LoraSpec:
 
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.1
+    #: 0 by default: peft's LoRA on fused expert tensors (``target_parameters``) rejects dropout.
+    dropout: float = 0.0
     targets: tuple[str, ...] = ("attention", "experts")
 
     def __post_init__(self) -> None:
