@@ -123,10 +123,92 @@ def _run_models(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# moekit estimate
+# --------------------------------------------------------------------------------------------
+
+
+def _add_estimate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help="predict per-GPU memory of a training setup, instantly",
+        description="Predict the per-GPU and per-host memory of one training step: model states as DeepSpeed "
+        "keeps them, activations, temporaries, communication buffers and overhead, and whether it fits. "
+        "Defaults are the article's run (Mixtral 8x7B LoRA on 8x A100-40GB, ZeRO-2).",
+    )
+    add_setup_flags(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_estimate)
+
+
+def _run_estimate(args: argparse.Namespace) -> None:
+    from moekit.estimate import estimate
+
+    setup = setup_from_args(args)
+    breakdown = estimate(setup)
+    if args.json:
+        print_json(breakdown.as_dict())
+        return
+    print(setup.describe())
+    print(breakdown.table())
+    if not breakdown.fits:
+        print(f"\nlargest category: {breakdown.largest_category()} -- attack that first (see `moekit plan`).")
+
+
+# --------------------------------------------------------------------------------------------
+# moekit lora
+# --------------------------------------------------------------------------------------------
+
+
+def _add_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lora",
+        help="what a LoRA spec targets on a model, and its exact trainable-parameter census",
+        description="Resolve LoRA targets (groups such as attention/experts, raw names, or the article's "
+        "w1/w2/w3) against the model's transformers-5 layout, and count the adapter parameters per group "
+        "exactly as peft would, from shapes alone.",
+    )
+    d = LoraSpec()
+    p.add_argument("--model", default=TrainingSetup().model, help="preset name or local HF folder / config.json (default: %(default)s)")
+    p.add_argument("--r", type=int, default=d.r, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2*r)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout (default: %(default)s)")
+    p.add_argument(
+        "--targets",
+        default=",".join(d.targets),
+        help="comma-separated groups (attention, experts, router, shared_experts, all-linear) or names "
+        "(q_proj, gate_up_proj, w1...) (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_lora)
+
+
+def _run_lora(args: argparse.Namespace) -> None:
+    from moekit.lora import lora_census, resolve_targets
+
+    spec = LoraSpec(r=args.r, alpha=args.alpha if args.alpha is not None else 2 * args.r, dropout=args.dropout, targets=args.targets)
+    census = lora_census(args.model, spec)
+    if args.json:
+        print_json(census.as_dict())
+        return
+    resolved = resolve_targets(spec, args.model)
+    print(f"LoRA r={spec.r} alpha={spec.alpha} on {args.model}, targets: {', '.join(spec.targets)}")
+    print(f"{'group':<16}{'trainable':>16}  tensors")
+    for group, count in census.by_group.items():
+        print(f"{group:<16}{count:>16,}  {', '.join(resolved.groups[group])}")
+    print(
+        f"{'total':<16}{census.num_trainable_params:>16,}  of {census.num_total_params:,} parameters "
+        f"({100 * census.fraction:.3f}% trainable)"
+    )
+    print(f"\npeft: target_modules={list(resolved.target_modules)} target_parameters={list(resolved.target_parameters)}")
+    for note in census.notes:
+        print(f"note: {note}")
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_estimate, _add_lora]
 
 
 def build_parser() -> argparse.ArgumentParser:

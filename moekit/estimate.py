@@ -1,0 +1,385 @@
+"""The analytic memory model: ``estimate(setup) -> Breakdown`` in well under a millisecond.
+
+Per GPU (one data-parallel rank) and per host, in bytes, by category:
+
+- model states (``weights``, ``gradients``, ``optimizer_states``) follow what DeepSpeed's ZeRO optimizer
+  keeps for each stage, precision and offload (see ``docs/memory_model.md``), counting only trainable
+  parameters for gradients and optimizer states;
+- ``activations``: bytes saved for backward and alive at the end of the forward pass, per decoder layer and
+  outside the layers (logits), MoE-aware, attention- and checkpointing-aware;
+- ``temporaries``: the largest short-lived allocation on top of that (gradient of the logits and one
+  recomputed layer in backward, or the fp32 gradient partition of the optimizer step);
+- ``buffers``: DeepSpeed's gradient-reduction buckets and ZeRO-3's gathered live parameters;
+- ``overhead``: CUDA context and the caching allocator's reserve (not simulated; a documented constant).
+
+Every coefficient below is derived from what PyTorch saves for backward in the Hugging Face modules
+and checked against ``moekit.simulate`` (a full-size step under FakeTensorMode) in the tests and in
+``benchmarks/accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+from moekit.breakdown import Breakdown
+from moekit.models import as_config, moe_shape, parameter_census, per_layer_census
+from moekit.training_setup import TrainingSetup
+
+# ---------------------------------------------------------------------------------------------
+# Documented constants
+# ---------------------------------------------------------------------------------------------
+
+#: DeepSpeed's defaults, which moekit's ds_config keeps (deepspeed/runtime/zero/config.py).
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+STAGE3_PREFETCH_BUCKET_ELEMENTS = 50_000_000
+#: CUDA context + cuBLAS/cuDNN workspaces of one process, as nvidia-smi shows before any tensor exists.
+CUDA_CONTEXT_BYTES = 600 * 2**20
+#: The caching allocator reserves more than it hands out (fragmentation); a few % of the peak.
+ALLOCATOR_RESERVE_FRACTION = 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts about a model, computed once per model name
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Shapes and exact counts the memory model needs (from the config and a meta-device census)."""
+
+    num_layers: int
+    hidden: int
+    kv_hidden: int
+    num_heads: int
+    head_dim: int
+    vocab: int
+    num_experts: int
+    experts_per_token: int
+    expert_ffn: int
+    shared_ffn: int
+    dense_ffn: int
+    num_params: int
+    num_params_per_layer: int
+    num_params_outside_layers: int
+    num_expert_params_per_layer: int
+    largest_module_params: int
+    qk_norm: bool  # OLMoE normalizes q and k over the full projection
+    normalizes_top_k: bool  # Mixtral renormalizes the top-k router weights (one more saved tensor)
+
+
+@functools.lru_cache(maxsize=64)
+def model_facts(model: str) -> ModelFacts:
+    config = as_config(model)
+    shape = moe_shape(config)
+    census = parameter_census(config)
+    layer = per_layer_census(config)
+    num_params_per_layer = sum(layer.values())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    embedding = census.num_params_by_component.get("embeddings", 0)
+    largest = max(embedding, layer.get("experts", 0), layer.get("mlp", 0), layer.get("attention", 0))
+    return ModelFacts(
+        num_layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        kv_hidden=kv_heads * head_dim,
+        num_heads=config.num_attention_heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        num_experts=shape.num_experts,
+        experts_per_token=shape.experts_per_token,
+        expert_ffn=shape.expert_intermediate_size,
+        shared_ffn=shape.shared_expert_intermediate_size,
+        dense_ffn=0 if shape.num_experts else config.intermediate_size,
+        num_params=census.num_params,
+        num_params_per_layer=num_params_per_layer,
+        num_params_outside_layers=census.num_params - config.num_hidden_layers * num_params_per_layer,
+        num_expert_params_per_layer=layer.get("experts", 0),
+        largest_module_params=largest,
+        qk_norm=config.model_type == "olmoe",
+        normalizes_top_k=bool(getattr(config, "norm_topk_prob", config.model_type == "mixtral")),
+    )
+
+
+def facts_for(setup: TrainingSetup, num_layers: int | None = None) -> ModelFacts:
+    """The model's facts, truncated to num_layers identical decoder layers when given."""
+    facts = model_facts(setup.model)
+    if num_layers is None or num_layers == facts.num_layers:
+        return facts
+    num_params = facts.num_params_outside_layers + num_layers * facts.num_params_per_layer
+    return dataclasses.replace(facts, num_layers=num_layers, num_params=num_params)
+
+
+@functools.lru_cache(maxsize=256)
+def _lora_counts_per_layer(model: str, spec) -> tuple[int, int]:
+    """(LoRA trainable params per decoder layer, of which on fused expert tensors) for a LoRA spec."""
+    from moekit.lora import lora_census
+
+    census = lora_census(model, spec)
+    num_layers = model_facts(model).num_layers
+    return census.num_trainable_params // num_layers, census.by_group.get("experts", 0) // num_layers
+
+
+def num_trainable_params(setup: TrainingSetup, facts: ModelFacts | None = None) -> int:
+    """Parameters that get gradients and optimizer state: all of them, or only the LoRA adapters."""
+    facts = facts or model_facts(setup.model)
+    if setup.uses_lora:
+        return facts.num_layers * _lora_counts_per_layer(setup.model, setup.lora)[0]
+    return facts.num_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Model states
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes of model states on one GPU and on one host, plus the optimizer step's fp32 gradient."""
+
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    step_temporary_bytes: int
+    host_bytes: dict[str, int]
+
+
+def _partition(count: int, world_size: int) -> int:
+    """Elements one rank owns when DeepSpeed splits a flat buffer evenly (the last rank is padded)."""
+    return math.ceil(count / world_size)
+
+
+def _base_weight_bytes(setup: TrainingSetup, facts: ModelFacts) -> int:
+    """Bytes of the (frozen or trained) base weights in their working precision, whole model."""
+    width = 4 if setup.precision == "fp32" else 2
+    if setup.method != "qlora":
+        return facts.num_params * width
+    from moekit.lora import QuantSpec, num_quantized_params
+
+    num_quantized = num_quantized_params(as_config(setup.model))
+    quant = QuantSpec()
+    return int(num_quantized * quant.bytes_per_param) + (facts.num_params - num_quantized) * width
+
+
+def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) -> ModelStates:
+    """What DeepSpeed keeps per rank for this stage, precision and offload (docs/memory_model.md)."""
+    n, stage = setup.world_size, setup.zero_stage
+    mixed = setup.precision != "fp32"
+    width = 2 if mixed else 4
+    adapters = num_trainable if setup.uses_lora else 0
+    weights = _base_weight_bytes(setup, facts) + adapters * width
+    owned = _partition(num_trainable, n) if stage >= 1 else num_trainable
+    gradients = width * (_partition(num_trainable, n) if stage >= 2 else num_trainable)
+    optimizer = (12 if mixed else 8) * owned
+    step_temporary = 4 * owned if mixed else 0
+    host: dict[str, int] = {}
+    if stage == 3:
+        weights = width * _partition(facts.num_params + adapters, n) if setup.method != "qlora" else weights
+    if setup.offload != "none":
+        ranks_per_host = setup.gpus_per_node
+        host["optimizer_states"] = optimizer * ranks_per_host
+        host["gradients"] = 4 * owned * ranks_per_host
+        optimizer, step_temporary = 0, 0
+        if stage >= 2:
+            gradients = 0
+    if setup.offload == "optimizer+params":
+        host["weights"] = weights * ranks_per_host
+        weights = 0
+    return ModelStates(weights, gradients, optimizer, step_temporary, host)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+#: Bytes per token kept by gradient checkpointing's own saved inputs (position ids, masks), measured
+#: with MemTracker on every preset (the same 776 B for all of them).
+CHECKPOINT_INPUTS_BYTES_PER_TOKEN = 776
+#: Labels and the loss's bookkeeping outside the layers, per token, besides the rotary cos/sin tables.
+LOSS_BOOKKEEPING_BYTES_PER_TOKEN = 8
+
+
+@dataclass(frozen=True)
+class Trainability:
+    """Which parts of a decoder layer get gradients, which decides what autograd must save."""
+
+    full: bool  # every weight trains (norms, router, embeddings, lm_head included)
+    num_attention_lora: int  # LoRA-adapted attention Linears per layer
+    qkv_lora: bool  # a LoRA on q/k/v needs the shared normalized input
+    experts_lora: bool  # LoRA on the fused expert tensors (peft ParamWrapper)
+    router_lora: bool
+    shared_experts_lora: bool
+    mlp_lora: bool  # dense models' gate/up/down_proj
+
+
+@functools.lru_cache(maxsize=256)
+def trainability(model: str, method: str, spec) -> Trainability:
+    if method == "full":
+        return Trainability(True, 0, False, False, False, False, False)
+    from moekit.lora import resolve_targets
+
+    groups = resolve_targets(spec, model).groups
+    attention = groups.get("attention", ())
+    return Trainability(
+        full=False,
+        num_attention_lora=len(attention),
+        qkv_lora=any(name.split(".")[-1] in ("q_proj", "k_proj", "v_proj") for name in attention),
+        experts_lora=bool(groups.get("experts")),
+        router_lora=bool(groups.get("router")),
+        shared_experts_lora=bool(groups.get("shared_experts")),
+        mlp_lora=bool(groups.get("mlp")),
+    )
+
+
+def _norm_bytes(width_bytes: int, size: int, trainable: bool) -> int:
+    """RMSNorm keeps an fp32 copy of its input and the rstd; its normalized output if the weight trains."""
+    return 4 * size + 4 + (width_bytes * size if trainable else 0)
+
+
+def layer_bytes_per_token(setup: TrainingSetup) -> int:
+    """Bytes one middle decoder layer saves for backward per token (sdpa attention).
+
+    Derived tensor by tensor from what autograd saves in the Hugging Face modules (docs/memory_model.md)
+    and equal, to within a few bytes, to MemTracker's count on every preset.
+    """
+    f = model_facts(setup.model)
+    t = trainability(setup.model, setup.method, setup.lora)
+    w = 4 if setup.precision == "fp32" else 2
+    h, hkv, a = f.hidden, f.kv_hidden, f.num_heads
+    # Attention block: input norm, q/k/v input, LoRA A outputs, SDPA's q, k, v, output and logsumexp.
+    total = _norm_bytes(w, h, t.full)
+    total += w * h if (t.full or t.qkv_lora) else 0
+    total += w * setup.lora.r * t.num_attention_lora
+    total += w * (2 * h + 2 * hkv) + 4 * a
+    if f.qk_norm:
+        total += _norm_bytes(w, h, t.full) + _norm_bytes(w, hkv, t.full)
+    # MLP block: post-attention norm, router, routed experts, shared expert or dense MLP.
+    total += _norm_bytes(w, h, t.full)
+    if f.num_experts:
+        k = f.experts_per_token
+        total += w * h if (t.full or t.router_lora) else 0
+        total += 4 * f.num_experts + (36 * k + 4 if f.normalizes_top_k else 29 * k)
+        expert_trains = t.full or t.experts_lora
+        total += k * ((2 * w * h + 4 * w * f.expert_ffn + 4) if expert_trains else (w * h + 3 * w * f.expert_ffn + 4))
+        if f.shared_ffn:
+            shared_trains = t.full or t.shared_experts_lora
+            total += (4 if shared_trains else 3) * w * f.shared_ffn + w * h + 2
+    else:
+        mlp_trains = t.full or t.mlp_lora
+        total += (w * h + 4 * w * f.dense_ffn) if mlp_trains else 3 * w * f.dense_ffn
+    return total
+
+
+def eager_attention_bytes(setup: TrainingSetup) -> int:
+    """Extra bytes per layer of eager attention: the a x s x s probabilities, and k/v repeated to all heads."""
+    f = model_facts(setup.model)
+    w = 4 if setup.precision == "fp32" else 2
+    repeat_kv = 2 * w * f.hidden if f.kv_hidden < f.hidden else 0
+    per_sequence = 3 * w * f.num_heads * setup.seq_len**2
+    return setup.micro_batch * (per_sequence + setup.seq_len * (repeat_kv - 4 * f.num_heads))
+
+
+def lora_merged_expert_bytes(setup: TrainingSetup) -> int:
+    """peft's ParamWrapper folds W + scale * B @ A into a new tensor every forward (one baddbmm); autograd
+    keeps these merged expert weights for the expert matmuls' backward: a full copy of the layer's experts."""
+    t = trainability(setup.model, setup.method, setup.lora)
+    if not t.experts_lora:
+        return 0
+    w = 4 if setup.precision == "fp32" else 2
+    return w * model_facts(setup.model).num_expert_params_per_layer
+
+
+def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
+    """Logits (returned in 16-bit, log-softmax kept in fp32), final norm and lm_head input when they train."""
+    f = model_facts(setup.model)
+    t = trainability(setup.model, setup.method, setup.lora)
+    w = 4 if setup.precision == "fp32" else 2
+    rotary_tables = 2 * w * f.head_dim  # cos and sin, shared by every layer
+    total = w * f.vocab + 4 * f.vocab + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN
+    if t.full:
+        # final norm (input copy + normalized) and lm_head's input; with frozen embeddings the first
+        # layer's input norm is not needed, which cancels the final norm's fp32 copy.
+        total += _norm_bytes(w, f.hidden, True) + w * f.hidden
+    if setup.activation_checkpointing:
+        # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
+        total += CHECKPOINT_INPUTS_BYTES_PER_TOKEN + (0 if t.full else _norm_bytes(w, f.hidden, False))
+    return total
+
+
+def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
+    """(bytes saved for backward at the end of forward, bytes of one layer recomputed in backward)."""
+    f = model_facts(setup.model)
+    w = 4 if setup.precision == "fp32" else 2
+    tokens = setup.micro_batch * setup.seq_len
+    one_layer = tokens * layer_bytes_per_token(setup) + lora_merged_expert_bytes(setup)
+    if setup.attn_implementation == "eager":
+        one_layer += eager_attention_bytes(setup)
+    outside = tokens * outside_layers_bytes_per_token(setup)
+    if setup.activation_checkpointing:
+        return num_layers * tokens * w * f.hidden + outside, one_layer
+    return num_layers * one_layer + outside, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers and overhead
+# ---------------------------------------------------------------------------------------------
+
+
+def buffer_bytes(setup: TrainingSetup, num_trainable: int) -> int:
+    """DeepSpeed communication buckets (ZeRO-1/2) or gathered live parameters (ZeRO-3)."""
+    f = model_facts(setup.model)
+    width = 4 if setup.precision == "fp32" else 2
+    if setup.zero_stage in (1, 2):
+        # Two contiguous reduce buckets (overlap_comm), never larger than the trainable parameters.
+        return 2 * width * min(REDUCE_BUCKET_ELEMENTS, num_trainable)
+    if setup.zero_stage == 3:
+        # The module being computed is gathered in full (weight and, in backward, its gradient),
+        # plus the prefetch bucket for the next one.
+        return width * (2 * f.largest_module_params + STAGE3_PREFETCH_BUCKET_ELEMENTS)
+    return 0
+
+
+def overhead_bytes(peak_allocated_bytes: int) -> int:
+    """CUDA context plus the caching allocator's reserve over the allocated peak."""
+    return CUDA_CONTEXT_BYTES + int(ALLOCATOR_RESERVE_FRACTION * peak_allocated_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdown:
+    """Predict per-GPU and per-host memory of one training step of ``setup`` (instant).
+
+    num_layers: estimate a model truncated to this many decoder layers (to compare with a truncated
+    simulation or GPU measurement); default: the whole model.
+    """
+    f = facts_for(setup, num_layers)
+    num_trainable = num_trainable_params(setup, f)
+    states = model_states(setup, f, num_trainable)
+    activations, recomputed = activation_bytes(setup, f.num_layers)
+    tokens = setup.micro_batch * setup.seq_len
+    logits_grad = tokens * f.vocab * 4  # fp32 gradient of the logits, at the start of backward
+    backward_temporary = logits_grad + recomputed
+    temporaries = max(backward_temporary, states.step_temporary_bytes)
+    buffers = buffer_bytes(setup, num_trainable)
+    allocated = states.weights_bytes + states.gradients_bytes + states.optimizer_bytes + activations + temporaries + buffers
+    per_gpu = {
+        "weights": states.weights_bytes,
+        "gradients": states.gradients_bytes,
+        "optimizer_states": states.optimizer_bytes,
+        "activations": activations,
+        "temporaries": temporaries,
+        "buffers": buffers,
+        "overhead": overhead_bytes(allocated),
+    }
+    return Breakdown(
+        source="estimate",
+        per_gpu=per_gpu,
+        per_host=dict(states.host_bytes),
+        total_bytes=sum(per_gpu.values()),
+        gpu_memory_bytes=setup.gpu_memory_bytes,
+    )
