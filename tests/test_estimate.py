@@ -1,0 +1,138 @@
+"""The analytic memory model: exact model states, activation terms, the article's verdict, bad input."""
+
+import json
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from moekit.cli import main
+from moekit.estimate import estimate, layer_bytes_per_token, model_facts, num_trainable_params
+from moekit.training_setup import LoraSpec, TrainingSetup
+
+P_MIXTRAL = 46_702_792_704
+LORA_MIXTRAL = 223_346_688  # r=16 on q/k/v/o and both fused expert tensors
+
+
+def full(**changes) -> TrainingSetup:
+    return TrainingSetup(method="full", **changes)
+
+
+def test_the_articles_baseline_does_not_fit_and_says_why():
+    baseline = TrainingSetup(seq_len=12288, precision="fp16", zero_stage=2, gpu_memory_gb=40)
+    result = estimate(baseline)
+    assert result.fits is False and result.headroom_bytes < 0
+    # ZeRO-2 keeps every 16-bit weight on every GPU: 87 GiB before a single activation.
+    assert result.per_gpu["weights"] == 2 * (P_MIXTRAL + LORA_MIXTRAL)
+    assert result.per_gpu["weights"] > baseline.gpu_memory_bytes
+    assert result.largest_category() == "activations"
+
+
+def test_full_zero2_model_states_equal_the_zero_papers_16_bytes_per_param():
+    setup = full(zero_stage=2)
+    states = estimate(setup).per_gpu
+    n = setup.world_size
+    assert states["weights"] == 2 * P_MIXTRAL
+    assert states["gradients"] == 2 * (P_MIXTRAL // n)
+    assert states["optimizer_states"] == 12 * (P_MIXTRAL // n)
+
+
+def test_zero2_states_plus_step_gradient_equal_deepspeeds_own_estimator():
+    setup = full(zero_stage=2, activation_checkpointing=False, seq_len=16)
+    result = estimate(setup)
+    _, ds_gpu_bytes = estimate_zero2_model_states_mem_needs(P_MIXTRAL, num_gpus_per_node=8, cpu_offload=False)
+    fp32_grad_partition = 4 * (P_MIXTRAL // 8)
+    assert result.model_state_bytes + fp32_grad_partition == ds_gpu_bytes
+
+
+def test_zero3_partitions_weights_and_offload_moves_states_to_the_host():
+    z3 = estimate(full(zero_stage=3)).per_gpu
+    assert z3["weights"] == 2 * (P_MIXTRAL // 8)
+    _, ds_gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+        P_MIXTRAL, 0, num_gpus_per_node=8, cpu_offload=False, cpu_offload_params=False
+    )
+    # DeepSpeed's ZeRO-3 estimator (18P/N) leaves out the 16-bit gradient partition that moekit keeps.
+    fp32_grad_partition = 4 * (P_MIXTRAL // 8)
+    assert z3["weights"] + z3["optimizer_states"] + fp32_grad_partition == ds_gpu_bytes
+    assert z3["gradients"] == 2 * (P_MIXTRAL // 8)
+    off = estimate(full(zero_stage=3, offload="optimizer+params"))
+    assert off.per_gpu["weights"] == off.per_gpu["optimizer_states"] == off.per_gpu["gradients"] == 0
+    assert off.per_host["optimizer_states"] == 8 * 12 * (P_MIXTRAL // 8)
+    assert off.per_host["weights"] == 8 * 2 * (P_MIXTRAL // 8)
+
+
+def test_lora_freezes_the_base_no_gradients_or_optimizer_state_for_it():
+    lora = estimate(TrainingSetup(zero_stage=0, gpus_per_node=1)).per_gpu
+    assert num_trainable_params(TrainingSetup()) == LORA_MIXTRAL
+    assert lora["gradients"] == 2 * LORA_MIXTRAL
+    assert lora["optimizer_states"] == 12 * LORA_MIXTRAL
+
+
+def test_fp32_has_no_master_copy():
+    states = estimate(full(precision="fp32", zero_stage=1)).per_gpu
+    assert states["weights"] == 4 * P_MIXTRAL
+    assert states["optimizer_states"] == 8 * (P_MIXTRAL // 8)
+
+
+def test_qlora_quantizes_only_the_linear_layers():
+    qlora = estimate(TrainingSetup(method="qlora")).per_gpu["weights"]
+    lora = estimate(TrainingSetup(method="lora")).per_gpu["weights"]
+    attention_params = 32 * 41_943_040  # the only nn.Linear weights transformers 5 can quantize in Mixtral
+    assert lora - qlora == pytest.approx(attention_params * (2 - 0.515869), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model, method, expected",
+    [  # MemTracker on fake tensors, bytes saved per token by one middle layer (see docs/memory_model.md)
+        ("mixtral-8x7b", "full", 348_412),
+        ("mistral-7b", "full", 200_840),
+        ("small", "full", 16_028),
+        ("olmoe-1b-7b", "full", 205_408),
+        ("qwen1.5-moe-a2.7b", "full", 176_578),
+    ],
+)
+def test_layer_activation_terms_match_memtracker(model, method, expected):
+    assert layer_bytes_per_token(TrainingSetup(model=model, method=method)) == pytest.approx(expected, abs=60)
+
+
+def test_moe_activations_scale_with_top_k_not_with_experts():
+    facts = model_facts("mixtral-8x7b")
+    full_ft = TrainingSetup(method="full")
+    # the routed experts' share: k copies of (4h + 8f + 4) bytes
+    expert_share = facts.experts_per_token * (4 * facts.hidden + 8 * facts.expert_ffn + 4)
+    assert expert_share / layer_bytes_per_token(full_ft) == pytest.approx(0.7524, abs=1e-3)
+
+
+def test_checkpointing_keeps_one_hidden_state_per_layer():
+    plain = estimate(TrainingSetup(seq_len=4096))
+    ckpt = estimate(TrainingSetup(seq_len=4096, activation_checkpointing=True))
+    assert ckpt.per_gpu["activations"] < plain.per_gpu["activations"] / 20
+    assert ckpt.per_gpu["temporaries"] > plain.per_gpu["temporaries"]  # one layer recomputed in backward
+
+
+def test_activations_grow_linearly_with_tokens_under_sdpa_and_quadratically_under_eager():
+    def acts(seq, attn):
+        return estimate(full(seq_len=seq, attn_implementation=attn)).per_gpu["activations"]
+
+    assert acts(8192, "sdpa") == pytest.approx(2 * acts(4096, "sdpa"), rel=1e-3)
+    assert acts(8192, "eager") - acts(8192, "sdpa") == pytest.approx(4 * (acts(4096, "eager") - acts(4096, "sdpa")), rel=0.05)
+
+
+def test_lora_on_fused_experts_keeps_a_merged_copy_of_every_layers_experts():
+    with_experts = estimate(TrainingSetup(seq_len=1024)).per_gpu["activations"]
+    attention_only = estimate(TrainingSetup(seq_len=1024, lora=LoraSpec(targets=("attention",)))).per_gpu["activations"]
+    merged = 32 * 2 * 1_409_286_144
+    assert with_experts - attention_only > merged
+
+
+def test_estimate_cli_json_has_the_documented_keys(capsys):
+    assert main(["estimate", "--seq", "12288", "--precision", "fp16", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= {"per_gpu", "per_host", "gpu_memory_bytes", "fits", "headroom_bytes"}
+    assert data["fits"] is False
+    assert data["per_gpu"]["total"] == sum(v for k, v in data["per_gpu"].items() if k != "total")
+
+
+def test_estimate_cli_rejects_bad_setups_in_one_line(capsys):
+    assert main(["estimate", "--zero", "2", "--offload", "optimizer+params"]) == 2
+    assert "offloading parameters needs ZeRO-3" in capsys.readouterr().err
