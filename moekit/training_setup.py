@@ -160,7 +160,7 @@ class TrainingSetup:
 
     def describe(self) -> str:
         """A one-line summary for tables and plot titles."""
-        method = self.method if not self.uses_lora else f"{self.method} r={self.lora.r}"
+        method = self.method if not self.uses_lora else f"{self.method} r={self.lora.r} on {'+'.join(self.lora.targets)}"
         offload = "" if self.offload == "none" else f" +offload {self.offload}"
         ckpt = " +ckpt" if self.activation_checkpointing else ""
         return (
