@@ -205,10 +205,198 @@ def _run_lora(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# moekit monitor
+# --------------------------------------------------------------------------------------------
+
+
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "monitor",
+        help="print every GPU's memory in use, live, until Ctrl-C",
+        description="Print one line per poll with every GPU's used/total memory (NVIDIA's management library) "
+        "and its peak so far. On a machine without GPUs: the resident memory of the processes given with --pid "
+        "(e.g. the ranks of a deepspeed run), or else the host's RAM in use.",
+    )
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between polls (default: %(default)s)")
+    p.add_argument("--pid", type=int, nargs="+", default=None, help="processes to watch when there is no GPU")
+    p.add_argument("--count", type=int, default=None, help="stop after this many polls (default: until Ctrl-C)")
+    p.add_argument(
+        "--source",
+        choices=("auto", "gpu", "process", "host"),
+        default="auto",
+        help="what to watch; auto: GPUs if any, else --pid processes, else the host (default: %(default)s)",
+    )
+    p.set_defaults(run=_run_monitor)
+
+
+def _run_monitor(args: argparse.Namespace) -> None:
+    from moekit.monitor import MonitorError, open_source, poll_rounds
+    from moekit.monitor import format_line as format_monitor_line
+
+    if args.interval <= 0:
+        raise MonitorError(f"--interval must be positive, got {args.interval}.")
+    if args.count is not None and args.count <= 0:
+        raise MonitorError(f"--count must be a positive number of polls, got {args.count}.")
+    source = open_source(args.source, args.pid, fallback="process" if args.pid else "host")
+    peaks: dict[str, int] = {}
+    try:
+        for samples in poll_rounds(source, args.interval, args.count):
+            for sample in samples:
+                peaks[sample.label] = max(peaks.get(sample.label, 0), sample.used_bytes)
+            print(format_monitor_line(samples, peaks), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        source.close()
+
+
+# --------------------------------------------------------------------------------------------
+# moekit plan
+# --------------------------------------------------------------------------------------------
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from moekit.plan import ARTICLE_ORDER
+
+    p = sub.add_parser(
+        "plan",
+        help="find the setups that fit, fastest first, and the ladder of mitigations from your setup",
+        description="Search the knobs (method, LoRA rank/targets, ZeRO stage, offload, checkpointing, micro-batch "
+        "with the gradient accumulation that keeps the global batch, and shorter sequences if --min-seq allows) "
+        "for setups that fit the GPUs, ranked by a documented step-time model; then apply one mitigation at a "
+        "time to the setup given by the flags until it fits.",
+    )
+    add_setup_flags(p)
+    g = p.add_argument_group("constraints")
+    g.add_argument("--min-seq", type=int, default=None, help="allow sequences down to this length (default: keep --seq)")
+    g.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step to keep (default: from the flags)")
+    g.add_argument("--methods", default="lora,full", help="methods the search may use (default: %(default)s)")
+    g.add_argument("--no-offload", action="store_true", help="do not offload anything to CPU RAM")
+    g.add_argument("--order", default=",".join(ARTICLE_ORDER), help="ladder order, comma-separated (default: the article's)")
+    g.add_argument("--top", type=int, default=5, help="how many fitting setups to print (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(run=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    from moekit.plan import as_json, constraints_from_setup, ladder, plan
+
+    setup = setup_from_args(args)
+    overrides = {"min_seq_len": args.min_seq, "methods": tuple(args.methods.split(","))}
+    if args.global_batch:
+        overrides["global_batch"] = args.global_batch
+    if args.no_offload:
+        overrides["offloads"] = ("none",)
+    result = plan(constraints_from_setup(setup, **overrides), top=args.top)
+    rungs = ladder(setup, [name for name in args.order.split(",") if name], min_seq_len=args.min_seq)
+    if args.json:
+        print_json(as_json(result, rungs))
+        return
+    print(result.verdict())
+    if result.fits:
+        print(f"\n{'best setups that fit':<100}{'step s':>8}{'GiB/GPU':>9}")
+        for c in result.fits:
+            print(f"{c.setup.describe():<100}{c.time.total_s:>8.1f}{c.breakdown.total_bytes / 2**30:>9.1f}")
+    print(f"\n{'ladder from your setup':<20}{'GiB/GPU':>9}{'saved':>9}  fits  change")
+    for rung in rungs:
+        print(
+            f"{rung.change:<20}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.1f}"
+            f"  {'yes ' if rung.fits else 'no  '}  {rung.description}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# moekit simulate / moekit measure
+# --------------------------------------------------------------------------------------------
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run one full-size training step on fake tensors and report its memory",
+        description="Run one training step of the setup at full size under PyTorch's FakeTensorMode with MemTracker "
+        "(no memory is allocated; Mixtral 8x7B takes about a minute on a laptop CPU), arranged as one DeepSpeed "
+        "rank holds it, and print memory by category.",
+    )
+    add_setup_flags(p)
+    p.add_argument("--layers", type=int, default=None, help="simulate the model truncated to this many decoder layers")
+    p.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="simulate 1 and 2 layers and extrapolate to the full depth (seconds; exact when layers are identical)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> None:
+    from moekit.simulate import simulate, simulate_per_layer
+
+    setup = setup_from_args(args)
+    if args.per_layer and args.layers is not None:
+        raise MoekitError("--per-layer extrapolates to the full depth; drop --layers (or drop --per-layer).")
+    if args.per_layer:
+        breakdown = simulate_per_layer(setup, progress=not args.no_progress)
+    else:
+        breakdown = simulate(setup, num_layers=args.layers, progress=not args.no_progress)
+    if args.json:
+        print_json(breakdown.as_dict())
+        return
+    print(setup.describe() + (f" ({args.layers} layers)" if args.layers else ""))
+    print(breakdown.table())
+
+
+def _add_measure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "measure",
+        help="run one real training step on this machine (CPU or CUDA) and report its memory",
+        description="Run one real training step of the setup (the same step `moekit simulate` runs on fake tensors) "
+        "and print memory by category; on CUDA also the allocator's peaks. Refuses setups that cannot fit this "
+        "machine: use --model tiny/small or --layers 1.",
+    )
+    add_setup_flags(p)
+    p.add_argument("--layers", type=int, default=None, help="measure the model truncated to this many decoder layers")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cuda if available)")
+    p.add_argument("--snapshot", default=None, help="CUDA: write an allocator snapshot here (open it in pytorch.org/memory_viz)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_measure)
+
+
+def _run_measure(args: argparse.Namespace) -> None:
+    from moekit.profile import measure_step
+
+    setup = setup_from_args(args)
+    result = measure_step(setup, num_layers=args.layers, device=args.device, snapshot_path=args.snapshot)
+    breakdown = result.breakdown
+    if args.json:
+        data = breakdown.as_dict()
+        data["saved_for_backward_bytes"] = result.saved_for_backward_bytes
+        data["phases"] = result.phases
+        if result.cuda:
+            data["cuda"] = result.cuda
+        print_json(data)
+        return
+    print(f"{setup.describe()} measured on {result.device}" + (f" ({args.layers} layers)" if args.layers else ""))
+    print(breakdown.table())
+    print(f"{'saved for backward':<18}{result.saved_for_backward_bytes / 2**30:>14.2f}")
+    if result.snapshot_path is not None:
+        print(f"allocator snapshot: {result.snapshot_path} (drop it on https://pytorch.org/memory_viz)")
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_estimate, _add_lora]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_models,
+    _add_estimate,
+    _add_lora,
+    _add_monitor,
+    _add_plan,
+    _add_simulate,
+    _add_measure,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

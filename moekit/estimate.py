@@ -66,6 +66,7 @@ class ModelFacts:
     num_params_outside_layers: int
     num_expert_params_per_layer: int
     largest_module_params: int
+    second_largest_module_params: int
     qk_norm: bool  # OLMoE normalizes q and k over the full projection
     normalizes_top_k: bool  # Mixtral renormalizes the top-k router weights (one more saved tensor)
 
@@ -80,7 +81,9 @@ def model_facts(model: str) -> ModelFacts:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     embedding = census.num_params_by_component.get("embeddings", 0)
-    largest = max(embedding, layer.get("experts", 0), layer.get("mlp", 0), layer.get("attention", 0))
+    # ZeRO-3 gathers one module at a time: the embedding, lm_head, or one layer's attention / experts / MLP.
+    units = sorted([embedding, census.num_params_by_component.get("lm_head", 0), layer.get("experts", 0),
+                    layer.get("mlp", 0), layer.get("attention", 0), layer.get("shared_experts", 0)], reverse=True)
     return ModelFacts(
         num_layers=config.num_hidden_layers,
         hidden=config.hidden_size,
@@ -97,7 +100,8 @@ def model_facts(model: str) -> ModelFacts:
         num_params_per_layer=num_params_per_layer,
         num_params_outside_layers=census.num_params - config.num_hidden_layers * num_params_per_layer,
         num_expert_params_per_layer=layer.get("experts", 0),
-        largest_module_params=largest,
+        largest_module_params=units[0],
+        second_largest_module_params=units[1],
         qk_norm=config.model_type == "olmoe",
         normalizes_top_k=bool(getattr(config, "norm_topk_prob", config.model_type == "mixtral")),
     )
@@ -172,13 +176,16 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
     weights = _base_weight_bytes(setup, facts) + adapters * width
     owned = _partition(num_trainable, n) if stage >= 1 else num_trainable
     gradients = width * (_partition(num_trainable, n) if stage >= 2 else num_trainable)
-    optimizer = (12 if mixed else 8) * owned
+    # fp32 master weights exist under mixed precision, and under fp32 too in the stage-1/2 optimizer,
+    # which clones its partition (single_partition_of_fp32_groups); Adam's m and v always.
+    master = 4 * owned if (mixed or stage in (1, 2)) else 0
+    optimizer = master + 8 * owned
     step_temporary = 4 * owned if mixed else 0
     host: dict[str, int] = {}
-    if stage == 3:
-        weights = width * _partition(facts.num_params + adapters, n) if setup.method != "qlora" else weights
+    if stage == 3 and setup.method != "qlora":
+        weights = width * _partition(facts.num_params + adapters, n)
+    ranks_per_host = setup.gpus_per_node
     if setup.offload != "none":
-        ranks_per_host = setup.gpus_per_node
         host["optimizer_states"] = optimizer * ranks_per_host
         host["gradients"] = 4 * owned * ranks_per_host
         optimizer, step_temporary = 0, 0
@@ -327,17 +334,21 @@ def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def buffer_bytes(setup: TrainingSetup, num_trainable: int) -> int:
-    """DeepSpeed communication buckets (ZeRO-1/2) or gathered live parameters (ZeRO-3)."""
-    f = model_facts(setup.model)
+def buffer_bytes(setup: TrainingSetup) -> int:
+    """DeepSpeed's gradient-reduction buckets, and under ZeRO-3 the module gathered for compute.
+
+    DeepSpeed allocates its buckets at full ``reduce_bucket_size`` whatever the number of trainable
+    parameters (``torch.empty(reduce_bucket_size)`` in stage_1_and_2.py): two of them with overlap_comm
+    under ZeRO-1/2, one under ZeRO-3, which also gathers one whole module at a time (for Mixtral the
+    fused experts of a layer, 1.41e9 parameters).
+    """
     width = 4 if setup.precision == "fp32" else 2
     if setup.zero_stage in (1, 2):
-        # Two contiguous reduce buckets (overlap_comm), never larger than the trainable parameters.
-        return 2 * width * min(REDUCE_BUCKET_ELEMENTS, num_trainable)
+        return 2 * width * REDUCE_BUCKET_ELEMENTS
     if setup.zero_stage == 3:
-        # The module being computed is gathered in full (weight and, in backward, its gradient),
-        # plus the prefetch bucket for the next one.
-        return width * (2 * f.largest_module_params + STAGE3_PREFETCH_BUCKET_ELEMENTS)
+        f = model_facts(setup.model)
+        prefetched = min(STAGE3_PREFETCH_BUCKET_ELEMENTS, f.second_largest_module_params)
+        return width * (REDUCE_BUCKET_ELEMENTS + f.largest_module_params + prefetched)
     return 0
 
 
@@ -362,11 +373,22 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     states = model_states(setup, f, num_trainable)
     activations, recomputed = activation_bytes(setup, f.num_layers)
     tokens = setup.micro_batch * setup.seq_len
-    logits_grad = tokens * f.vocab * 4  # fp32 gradient of the logits, at the start of backward
-    backward_temporary = logits_grad + recomputed
-    temporaries = max(backward_temporary, states.step_temporary_bytes)
-    buffers = buffer_bytes(setup, num_trainable)
-    allocated = states.weights_bytes + states.gradients_bytes + states.optimizer_bytes + activations + temporaries + buffers
+    # Backward starts with the fp32 gradients of the log-softmax and of the logits; with checkpointing
+    # a recomputed layer comes later, once those are gone: the larger of the two is the temporary.
+    backward_temporary = max(tokens * f.vocab * 8, recomputed)
+    buffers = buffer_bytes(setup)
+    weights_and_optimizer = states.weights_bytes + states.optimizer_bytes
+    # Gradients build up while activations are freed; they are all there from the start of backward
+    # only when partitioned (small) or left over from an earlier micro-batch (accumulation).
+    early_gradients = states.gradients_bytes if (setup.zero_stage >= 2 or setup.grad_accum > 1) else 0
+    # ZeRO-1/2 allocate their reduce buckets at the first gradient, after the loss's own backward has
+    # freed the fp32 log-softmax; ZeRO-3's bucket and gathered module are there throughout.
+    persistent_buffers = buffers if setup.zero_stage == 3 else 0
+    backward_start = weights_and_optimizer + early_gradients + activations + backward_temporary + persistent_buffers
+    first_gradient = weights_and_optimizer + early_gradients + activations - tokens * f.vocab * 4 + buffers
+    step = weights_and_optimizer + states.gradients_bytes + states.step_temporary_bytes + persistent_buffers
+    allocated = max(backward_start, first_gradient, step)
+    temporaries = states.step_temporary_bytes if allocated == step and step > backward_start else backward_temporary
     per_gpu = {
         "weights": states.weights_bytes,
         "gradients": states.gradients_bytes,
@@ -380,6 +402,6 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         source="estimate",
         per_gpu=per_gpu,
         per_host=dict(states.host_bytes),
-        total_bytes=sum(per_gpu.values()),
+        total_bytes=allocated + per_gpu["overhead"],
         gpu_memory_bytes=setup.gpu_memory_bytes,
     )

@@ -68,10 +68,12 @@ def test_lora_freezes_the_base_no_gradients_or_optimizer_state_for_it():
     assert lora["optimizer_states"] == 12 * LORA_MIXTRAL
 
 
-def test_fp32_has_no_master_copy():
-    states = estimate(full(precision="fp32", zero_stage=1)).per_gpu
-    assert states["weights"] == 4 * P_MIXTRAL
-    assert states["optimizer_states"] == 8 * (P_MIXTRAL // 8)
+def test_fp32_keeps_a_master_copy_only_in_the_stage_1_2_optimizer():
+    stage1 = estimate(full(precision="fp32", zero_stage=1)).per_gpu
+    assert stage1["weights"] == 4 * P_MIXTRAL
+    assert stage1["optimizer_states"] == 12 * (P_MIXTRAL // 8)  # single_partition_of_fp32_groups clones it
+    stage3 = estimate(full(precision="fp32", zero_stage=3)).per_gpu
+    assert stage3["optimizer_states"] == 8 * (P_MIXTRAL // 8)  # m and v only: it steps its fp32 partition in place
 
 
 def test_qlora_quantizes_only_the_linear_layers():
@@ -130,7 +132,9 @@ def test_estimate_cli_json_has_the_documented_keys(capsys):
     data = json.loads(capsys.readouterr().out)
     assert set(data) >= {"per_gpu", "per_host", "gpu_memory_bytes", "fits", "headroom_bytes"}
     assert data["fits"] is False
-    assert data["per_gpu"]["total"] == sum(v for k, v in data["per_gpu"].items() if k != "total")
+    categories_sum = sum(v for k, v in data["per_gpu"].items() if k != "total")
+    # the peak: the ZeRO-2 buckets arrive after the fp32 log-softmax is freed, so it is below the plain sum
+    assert data["per_gpu"]["weights"] < data["per_gpu"]["total"] < categories_sum
 
 
 def test_estimate_cli_rejects_bad_setups_in_one_line(capsys):

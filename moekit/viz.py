@@ -1,0 +1,177 @@
+"""Plotly figures: memory breakdowns side by side, and memory over time.
+
+Every figure is a plain ``plotly.graph_objects.Figure`` built only from moekit's own results
+(``Breakdown``, ``MemorySample``), so a notebook shows it and a test can read its data back.
+Each figure has its own section below; add new figures as new sections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import plotly.graph_objects as go
+
+from moekit.breakdown import CATEGORIES, Breakdown, GiB
+from moekit.errors import MoekitError
+
+if TYPE_CHECKING:
+    from moekit.monitor import MemorySample
+
+#: One color per category, the same in every figure (plotly's default qualitative palette).
+CATEGORY_COLORS: dict[str, str] = {
+    "weights": "#636EFA",
+    "gradients": "#EF553B",
+    "optimizer_states": "#00CC96",
+    "activations": "#AB63FA",
+    "temporaries": "#FFA15A",
+    "buffers": "#19D3F3",
+    "overhead": "#B6B6B6",
+}
+
+PEAK_TRACE_NAME = "peak (total)"
+
+
+class FigureError(MoekitError):
+    """Input a figure cannot draw; the message says what to pass instead."""
+
+
+def _gib(num_bytes: float) -> float:
+    return num_bytes / GiB
+
+
+# --------------------------------------------------------------------------------------------
+# Breakdowns: estimate vs simulate vs measure, as stacked bars
+# --------------------------------------------------------------------------------------------
+
+BarLabel = str | tuple[str, str]
+
+
+def _labelled(breakdowns: Sequence[Breakdown] | Mapping[BarLabel, Breakdown]) -> list[tuple[BarLabel, Breakdown]]:
+    """(label, breakdown) pairs: a mapping keeps its keys, a list is labelled by each source."""
+    if isinstance(breakdowns, Mapping):
+        pairs = list(breakdowns.items())
+    else:
+        pairs = []
+        seen: dict[str, int] = {}
+        for breakdown in breakdowns:
+            seen[breakdown.source] = seen.get(breakdown.source, 0) + 1
+            label = breakdown.source if seen[breakdown.source] == 1 else f"{breakdown.source} #{seen[breakdown.source]}"
+            pairs.append((label, breakdown))
+    if not pairs:
+        raise FigureError("breakdown_figure needs at least one Breakdown, e.g. [estimate(setup), measure(setup)].")
+    grouped = [isinstance(label, tuple) for label, _ in pairs]
+    if any(grouped) and not all(grouped):
+        raise FigureError("label every bar the same way: all strings, or all (group, bar) pairs such as ('seq 4096', 'estimate').")
+    return pairs
+
+
+def _x_axis(labels: list[BarLabel]) -> list:
+    """Plain labels, or plotly's two-level (multicategory) axis for (group, bar) pairs."""
+    if labels and isinstance(labels[0], tuple):
+        return [[label[0] for label in labels], [label[1] for label in labels]]
+    return list(labels)
+
+
+def _common_gpu_memory(breakdowns: list[Breakdown]) -> int | None:
+    sizes = {b.gpu_memory_bytes for b in breakdowns if b.gpu_memory_bytes is not None}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def breakdown_figure(
+    breakdowns: Sequence[Breakdown] | Mapping[BarLabel, Breakdown],
+    gpu_memory_bytes: int | None = None,
+    *,
+    title: str = "Memory per GPU by category",
+) -> go.Figure:
+    """One stacked bar per breakdown (stacks: ``CATEGORIES``), a peak marker, and the GPU's memory.
+
+    breakdowns: a list (bars labelled by source: estimate, simulate, measure) or a mapping from
+      label to Breakdown; labels that are (group, bar) pairs, e.g. ``("seq 4096", "measure")``,
+      give grouped stacked bars.
+    gpu_memory_bytes: where to draw the dashed GPU-memory line; default: the breakdowns' own
+      ``gpu_memory_bytes`` when they agree, else no line.
+    The peak marker shows ``total_bytes``, which is not always the sum of the stack (temporaries of
+    backward and of the optimizer step are not alive at once).
+    """
+    pairs = _labelled(breakdowns)
+    labels = [label for label, _ in pairs]
+    x = _x_axis(labels)
+    fig = go.Figure()
+    for category in CATEGORIES:
+        values = [_gib(b.per_gpu[category]) for _, b in pairs]
+        fig.add_trace(
+            go.Bar(
+                name=category,
+                x=x,
+                y=values,
+                marker_color=CATEGORY_COLORS[category],
+                hovertemplate=f"{category}: %{{y:.2f}} GiB<extra></extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            name=PEAK_TRACE_NAME,
+            x=x,
+            y=[_gib(b.total_bytes) for _, b in pairs],
+            mode="markers",
+            marker={"symbol": "line-ew-open", "size": 28, "color": "black", "line": {"width": 3}},
+            hovertemplate="peak: %{y:.2f} GiB<extra></extra>",
+        )
+    )
+    line_bytes = gpu_memory_bytes if gpu_memory_bytes is not None else _common_gpu_memory([b for _, b in pairs])
+    if line_bytes is not None:
+        fig.add_hline(
+            y=_gib(line_bytes),
+            line_dash="dash",
+            line_color="red",
+            annotation_text=f"GPU memory {_gib(line_bytes):.1f} GiB",
+            annotation_position="top left",
+        )
+    fig.update_layout(barmode="stack", title=title, yaxis_title="GiB per GPU", legend_traceorder="normal")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Memory over time: the live monitor's samples
+# --------------------------------------------------------------------------------------------
+
+
+def samples_by_label(samples: Sequence[MemorySample]) -> dict[str, list[MemorySample]]:
+    """Samples by label, in the order the labels first appear."""
+    series: dict[str, list[MemorySample]] = {}
+    for sample in samples:
+        series.setdefault(sample.label, []).append(sample)
+    return series
+
+
+def monitor_figure(samples: Sequence[MemorySample], *, title: str = "Memory in use") -> go.Figure:
+    """One line per GPU (or process) of used GiB over time; dashed lines at each GPU's capacity.
+
+    The capacity lines are drawn for GPU samples only: for processes, the total is the host's RAM,
+    which would flatten the lines that matter.
+    """
+    fig = go.Figure()
+    capacities: set[int] = set()
+    for label, points in samples_by_label(samples).items():
+        fig.add_trace(
+            go.Scatter(
+                name=label,
+                x=[p.time_s for p in points],
+                y=[_gib(p.used_bytes) for p in points],
+                mode="lines",
+                hovertemplate=f"{label}: %{{y:.2f}} GiB at %{{x:.1f}} s<extra></extra>",
+            )
+        )
+        if points[-1].kind == "gpu":
+            capacities.add(points[-1].total_bytes)
+    for total_bytes in sorted(capacities):
+        fig.add_hline(
+            y=_gib(total_bytes),
+            line_dash="dash",
+            line_color="red",
+            annotation_text=f"GPU memory {_gib(total_bytes):.1f} GiB",
+            annotation_position="top left",
+        )
+    fig.update_layout(title=title, xaxis_title="seconds", yaxis_title="GiB", yaxis_rangemode="tozero")
+    return fig

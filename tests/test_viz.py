@@ -1,0 +1,86 @@
+"""Plotly figures carry exactly the numbers of the Breakdowns and samples they draw."""
+
+import pytest
+
+from moekit.breakdown import CATEGORIES, Breakdown, GiB
+from moekit.monitor import MemorySample
+from moekit.viz import CATEGORY_COLORS, PEAK_TRACE_NAME, FigureError, breakdown_figure, monitor_figure
+
+
+def _breakdown(source: str, scale: int, total_bytes: int | None = None, gpu_memory_bytes: int | None = None) -> Breakdown:
+    per_gpu = {category: (index + 1) * scale * 2**20 for index, category in enumerate(CATEGORIES)}
+    return Breakdown(source=source, per_gpu=per_gpu, total_bytes=total_bytes, gpu_memory_bytes=gpu_memory_bytes)
+
+
+def _traces(fig) -> dict:
+    return {trace.name: trace for trace in fig.data}
+
+
+def test_breakdown_bars_stack_every_category_in_gib_per_source():
+    estimate = _breakdown("estimate", 100)
+    measure = _breakdown("measure", 90, total_bytes=3 * GiB)
+    traces = _traces(breakdown_figure([estimate, measure]))
+    for category in CATEGORIES:
+        assert list(traces[category].x) == ["estimate", "measure"]
+        assert list(traces[category].y) == [estimate.per_gpu[category] / GiB, measure.per_gpu[category] / GiB]
+    assert list(traces[PEAK_TRACE_NAME].y) == [estimate.total_bytes / GiB, 3.0]
+
+
+def test_breakdown_colors_are_the_same_category_colors_in_every_figure():
+    first = _traces(breakdown_figure([_breakdown("estimate", 1)]))
+    second = _traces(breakdown_figure({"a": _breakdown("simulate", 5), "b": _breakdown("measure", 7)}))
+    for category in CATEGORIES:
+        assert first[category].marker.color == second[category].marker.color == CATEGORY_COLORS[category]
+
+
+def test_breakdown_figure_stacks_and_draws_the_gpu_memory_line():
+    fig = breakdown_figure([_breakdown("estimate", 10)], gpu_memory_bytes=40 * GiB)
+    assert fig.layout.barmode == "stack"
+    (line,) = fig.layout.shapes
+    assert (line.y0, line.y1, line.line.dash) == (40.0, 40.0, "dash")
+
+
+def test_gpu_memory_line_defaults_to_the_breakdowns_own_gpu_size():
+    fig = breakdown_figure([_breakdown("estimate", 10, gpu_memory_bytes=80 * GiB), _breakdown("measure", 9, gpu_memory_bytes=80 * GiB)])
+    assert [shape.y0 for shape in fig.layout.shapes] == [80.0]
+    no_line = breakdown_figure([_breakdown("estimate", 10, gpu_memory_bytes=80 * GiB), _breakdown("measure", 9, gpu_memory_bytes=40 * GiB)])
+    assert not no_line.layout.shapes
+
+
+def test_pair_labels_give_grouped_bars_on_a_two_level_axis():
+    fig = breakdown_figure({("seq 2048", "estimate"): _breakdown("estimate", 1), ("seq 2048", "measure"): _breakdown("measure", 2)})
+    weights = _traces(fig)["weights"]
+    assert [list(level) for level in weights.x] == [["seq 2048", "seq 2048"], ["estimate", "measure"]]
+
+
+def test_repeated_sources_get_distinct_bars():
+    traces = _traces(breakdown_figure([_breakdown("measure", 1), _breakdown("measure", 2)]))
+    assert list(traces["weights"].x) == ["measure", "measure #2"]
+
+
+def test_empty_or_mixed_labels_are_refused_with_advice():
+    with pytest.raises(FigureError, match="at least one Breakdown"):
+        breakdown_figure([])
+    with pytest.raises(FigureError, match="label every bar the same way"):
+        breakdown_figure({"a": _breakdown("estimate", 1), ("g", "b"): _breakdown("measure", 1)})
+
+
+def test_monitor_figure_has_one_line_per_gpu_and_the_capacity_line():
+    samples = [
+        MemorySample(0.0, "GPU 0", 10 * GiB, 40 * GiB, "gpu"),
+        MemorySample(0.0, "GPU 1", 12 * GiB, 40 * GiB, "gpu"),
+        MemorySample(0.5, "GPU 0", 20 * GiB, 40 * GiB, "gpu"),
+        MemorySample(0.5, "GPU 1", 22 * GiB, 40 * GiB, "gpu"),
+    ]
+    fig = monitor_figure(samples)
+    traces = _traces(fig)
+    assert list(traces) == ["GPU 0", "GPU 1"]
+    assert list(traces["GPU 0"].x) == [0.0, 0.5] and list(traces["GPU 0"].y) == [10.0, 20.0]
+    assert list(traces["GPU 1"].y) == [12.0, 22.0]
+    assert [shape.y0 for shape in fig.layout.shapes] == [40.0]
+
+
+def test_monitor_figure_of_processes_has_no_host_ram_line():
+    fig = monitor_figure([MemorySample(0.0, "pid 1 (python)", GiB // 2, 64 * GiB, "process")])
+    assert list(_traces(fig)["pid 1 (python)"].y) == [0.5]
+    assert not fig.layout.shapes
