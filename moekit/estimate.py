@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from moekit.breakdown import Breakdown
+from moekit.errors import MoekitError
 from moekit.models import as_config, moe_shape, parameter_census, per_layer_census
 from moekit.training_setup import TrainingSetup
 
@@ -405,3 +406,11 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         total_bytes=allocated + per_gpu["overhead"],
         gpu_memory_bytes=setup.gpu_memory_bytes,
     )
+
+
+def sweep(setup: TrainingSetup, **knob_values) -> list[Breakdown]:
+    """Estimates of ``setup`` with one knob set to each value: ``sweep(setup, seq_len=[2048, 4096])``."""
+    if len(knob_values) != 1:
+        raise MoekitError(f"sweep takes exactly one knob, e.g. seq_len=[2048, 4096]; got {sorted(knob_values)}.")
+    (knob, values), = knob_values.items()
+    return [estimate(setup.replace(**{knob: value})) for value in values]

@@ -175,3 +175,30 @@ def monitor_figure(samples: Sequence[MemorySample], *, title: str = "Memory in u
         )
     fig.update_layout(title=title, xaxis_title="seconds", yaxis_title="GiB", yaxis_rangemode="tozero")
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# The planner's ladder: one stacked bar per rung
+# --------------------------------------------------------------------------------------------
+
+
+def ladder_figure(rungs: Sequence, *, title: str = "One mitigation at a time") -> go.Figure:
+    """Stacked bars per rung of ``moekit.plan.ladder`` with the GPU-memory line: where the bytes go as
+    each knob is turned, and the rung where the run first fits."""
+    if not rungs:
+        raise FigureError("ladder_figure needs the rungs of moekit.plan.ladder(setup).")
+    labels = [f"{i}. {rung.change}" for i, rung in enumerate(rungs)]
+    return breakdown_figure(dict(zip(labels, (rung.breakdown for rung in rungs))), title=title)
+
+
+# --------------------------------------------------------------------------------------------
+# A knob swept: one stacked bar per value
+# --------------------------------------------------------------------------------------------
+
+
+def sweep_figure(values: Sequence, breakdowns: Sequence[Breakdown], *, knob: str, title: str | None = None) -> go.Figure:
+    """Stacked bars of estimates over the values of one knob (e.g. sequence length)."""
+    if len(values) != len(breakdowns) or not values:
+        raise FigureError("sweep_figure needs one Breakdown per value, e.g. from moekit.estimate.sweep(setup, seq_len=[...]).")
+    labelled = {f"{knob}={value}": breakdown for value, breakdown in zip(values, breakdowns)}
+    return breakdown_figure(labelled, title=title or f"Memory per GPU as {knob} changes")

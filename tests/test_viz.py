@@ -84,3 +84,28 @@ def test_monitor_figure_of_processes_has_no_host_ram_line():
     fig = monitor_figure([MemorySample(0.0, "pid 1 (python)", GiB // 2, 64 * GiB, "process")])
     assert list(_traces(fig)["pid 1 (python)"].y) == [0.5]
     assert not fig.layout.shapes
+
+
+def test_ladder_figure_has_one_bar_per_rung_equal_to_the_estimates():
+    from moekit.plan import ladder
+    from moekit.training_setup import TrainingSetup
+    from moekit.viz import ladder_figure
+
+    rungs = ladder(TrainingSetup(seq_len=12288, precision="fp16"))
+    figure = ladder_figure(rungs)
+    activations = next(t for t in figure.data if t.name == "activations")
+    assert len(activations.y) == len(rungs)
+    assert activations.y[-1] * 2**30 == pytest.approx(rungs[-1].breakdown.per_gpu["activations"])
+
+
+def test_sweep_figure_follows_the_estimate():
+    from moekit.estimate import estimate, sweep
+    from moekit.training_setup import TrainingSetup
+    from moekit.viz import sweep_figure
+
+    setup = TrainingSetup(method="full", zero_stage=3)
+    breakdowns = sweep(setup, seq_len=[1024, 8192])
+    figure = sweep_figure([1024, 8192], breakdowns, knob="seq_len")
+    activations = next(t for t in figure.data if t.name == "activations")
+    assert activations.y[1] * 2**30 == pytest.approx(estimate(setup.replace(seq_len=8192)).per_gpu["activations"])
+    assert activations.y[1] > 7 * activations.y[0]
