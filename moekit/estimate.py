@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
-from moekit.models import as_config, moe_shape, parameter_census, per_layer_census
+from moekit.models import as_config, build_model, moe_shape, parameter_census, per_layer_census
 from moekit.training_setup import TrainingSetup
 
 # ---------------------------------------------------------------------------------------------
@@ -36,6 +36,7 @@ from moekit.training_setup import TrainingSetup
 #: DeepSpeed's defaults, which moekit's ds_config keeps (deepspeed/runtime/zero/config.py).
 REDUCE_BUCKET_ELEMENTS = 500_000_000
 STAGE3_PREFETCH_BUCKET_ELEMENTS = 50_000_000
+SUB_GROUP_ELEMENTS = 1_000_000_000  # ZeRO-3's sub_group_size
 #: CUDA context + cuBLAS/cuDNN workspaces of one process, as nvidia-smi shows before any tensor exists.
 CUDA_CONTEXT_BYTES = 600 * 2**20
 #: The caching allocator reserves more than it hands out (fragmentation); a few % of the peak.
@@ -67,6 +68,7 @@ class ModelFacts:
     num_params_outside_layers: int
     num_expert_params_per_layer: int
     largest_module_params: int
+    largest_param_per_layer: int
     second_largest_module_params: int
     qk_norm: bool  # OLMoE normalizes q and k over the full projection
     normalizes_top_k: bool  # Mixtral renormalizes the top-k router weights (one more saved tensor)
@@ -82,6 +84,7 @@ def model_facts(model: str) -> ModelFacts:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     embedding = census.num_params_by_component.get("embeddings", 0)
+    layer_shapes = [p.numel() for n, p in build_model(config, "meta", num_layers=1).named_parameters() if ".layers.0." in n]
     # ZeRO-3 gathers one module at a time: the embedding, lm_head, or one layer's attention / experts / MLP.
     units = sorted([embedding, census.num_params_by_component.get("lm_head", 0), layer.get("experts", 0),
                     layer.get("mlp", 0), layer.get("attention", 0), layer.get("shared_experts", 0)], reverse=True)
@@ -102,6 +105,7 @@ def model_facts(model: str) -> ModelFacts:
         num_params_outside_layers=census.num_params - config.num_hidden_layers * num_params_per_layer,
         num_expert_params_per_layer=layer.get("experts", 0),
         largest_module_params=units[0],
+        largest_param_per_layer=max(layer_shapes),
         second_largest_module_params=units[1],
         qk_norm=config.model_type == "olmoe",
         normalizes_top_k=bool(getattr(config, "norm_topk_prob", config.model_type == "mixtral")),
@@ -181,7 +185,15 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
     # which clones its partition (single_partition_of_fp32_groups); Adam's m and v always.
     master = 4 * owned if (mixed or stage in (1, 2)) else 0
     optimizer = master + 8 * owned
-    step_temporary = 4 * owned if mixed else 0
+    # The optimizer step's fp32 gradient of the partition; except under ZeRO-2 (whose gradient partition
+    # is already one flat buffer) it is first flattened in the working dtype, then upcast.
+    # ZeRO-3 steps its partition in sub-groups of sub_group_size elements, one at a time.
+    stepped = min(owned, SUB_GROUP_ELEMENTS) if stage == 3 else owned
+    flattened = width * stepped if stage != 2 else 0
+    if mixed:
+        step_temporary = 4 * stepped + flattened
+    else:
+        step_temporary = flattened if stage in (1, 3) else 0
     host: dict[str, int] = {}
     if stage == 3 and setup.method != "qlora":
         weights = width * _partition(facts.num_params + adapters, n)
@@ -202,9 +214,10 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
 # Activations
 # ---------------------------------------------------------------------------------------------
 
-#: Bytes per token kept by gradient checkpointing's own saved inputs (position ids, masks), measured
-#: with MemTracker on every preset (the same 776 B for all of them).
-CHECKPOINT_INPUTS_BYTES_PER_TOKEN = 776
+#: Under ZeRO-2/3 a full fine-tune materializes each parameter's whole gradient before it is reduced into
+#: the rank's partition; when the largest one (Mixtral's gate_up_proj) appears, this share of the
+#: recomputed layer's activations is still alive (MemTracker on Mixtral 8x7B, 2 layers, seq 4096).
+RECOMPUTED_SHARE_AT_EXPERT_GRADIENT = 0.4
 #: Labels and the loss's bookkeeping outside the layers, per token, besides the rotary cos/sin tables.
 LOSS_BOOKKEEPING_BYTES_PER_TOKEN = 8
 
@@ -312,7 +325,7 @@ def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
         total += _norm_bytes(w, f.hidden, True) + w * f.hidden
     if setup.activation_checkpointing:
         # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
-        total += CHECKPOINT_INPUTS_BYTES_PER_TOKEN + (0 if t.full else _norm_bytes(w, f.hidden, False))
+        total += 0 if t.full else _norm_bytes(w, f.hidden, False)
     return total
 
 
@@ -377,6 +390,10 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     # Backward starts with the fp32 gradients of the log-softmax and of the logits; with checkpointing
     # a recomputed layer comes later, once those are gone: the larger of the two is the temporary.
     backward_temporary = max(tokens * f.vocab * 8, recomputed)
+    if setup.method == "full" and setup.zero_stage >= 2:
+        width = 4 if setup.precision == "fp32" else 2
+        whole_gradient = width * f.largest_param_per_layer + RECOMPUTED_SHARE_AT_EXPERT_GRADIENT * recomputed
+        backward_temporary = max(backward_temporary, int(whole_gradient))
     buffers = buffer_bytes(setup)
     weights_and_optimizer = states.weights_bytes + states.optimizer_bytes
     # Gradients build up while activations are freed; they are all there from the start of backward
@@ -386,7 +403,9 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     # freed the fp32 log-softmax; ZeRO-3's bucket and gathered module are there throughout.
     persistent_buffers = buffers if setup.zero_stage == 3 else 0
     backward_start = weights_and_optimizer + early_gradients + activations + backward_temporary + persistent_buffers
-    first_gradient = weights_and_optimizer + early_gradients + activations - tokens * f.vocab * 4 + buffers
+    # Under LoRA the first gradient comes from inside the last layer, after its recomputation.
+    recomputed_then = recomputed if setup.uses_lora else 0
+    first_gradient = weights_and_optimizer + early_gradients + activations - tokens * f.vocab * 4 + recomputed_then + buffers
     step = weights_and_optimizer + states.gradients_bytes + states.step_temporary_bytes + persistent_buffers
     allocated = max(backward_start, first_gradient, step)
     temporaries = states.step_temporary_bytes if allocated == step and step > backward_start else backward_temporary

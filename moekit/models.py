@@ -165,10 +165,13 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 def config_with_layers(config: PretrainedConfig, num_layers: int | None) -> PretrainedConfig:
     """A copy of the config truncated (or extended) to num_layers decoder layers."""
-    config = config.__class__.from_dict(config.to_dict())
+    data = config.to_dict()
     if num_layers is not None:
-        config.num_hidden_layers = int(num_layers)
-    return config
+        data["num_hidden_layers"] = int(num_layers)
+        types = data.get("layer_types")
+        if isinstance(types, list) and types:  # per-layer lists (Qwen's sliding-window layout) follow
+            data["layer_types"] = (types + [types[-1]] * num_layers)[:num_layers]
+    return config.__class__.from_dict(data)
 
 
 def build_model(
@@ -192,6 +195,8 @@ def build_model(
     """
     config = config_with_layers(as_config(model), num_layers)
     config._attn_implementation = attn_implementation
+    if dtype is not None:
+        config.dtype = dtype  # from_config follows the config's dtype (the presets say bfloat16) over the default
     if device == "meta":
         ctx: contextlib.AbstractContextManager = torch.device("meta")
     elif device == "cpu":

@@ -6,8 +6,9 @@ with ``moekit.lora.apply_lora``, turns on activation checkpointing when asked, a
 labels, so the loss is computed by the model), backward and the optimizer step on ``micro_batch x
 seq_len`` random tokens, under ``torch.distributed._tools.mem_tracker.MemTracker``.
 
-How each DeepSpeed structure of one data-parallel rank is represented (N ranks, stage s; the per-rank
-rules are those of ``docs``/model_states: only trainable parameters get gradients and optimizer state):
+How each DeepSpeed structure of one data-parallel rank is represented (N ranks; the per-rank rules
+are the ones ``moekit.estimate`` follows, checked against DeepSpeed 0.19's ZeRO code; only trainable
+parameters get gradients and optimizer state; stage 0 is modeled like stage 1 with N = 1):
 
 - 16-bit weights: the model's own parameters, built in the working dtype (DeepSpeed casts the whole
   module, LoRA adapters included, to bf16/fp16, so the adapters are cast too). ZeRO-1/2 flatten them
@@ -18,10 +19,12 @@ rules are those of ``docs``/model_states: only trainable parameters get gradient
   the MoE block as DeepSpeed's recommended z3 leaf module, and every other module owning parameters).
   Gathered parameters count as ``buffers``. A saved-tensor hook stores weights that autograd would save
   as a reference to the parameter and re-creates the view after the unit is gathered for backward,
-  which is what DeepSpeed's ZeRO-3 linear does.
-- fp32 master weights (``optimizer_states``): one flat fp32 tensor of the rank's partition of the
+  which is what DeepSpeed's ZeRO-3 linear does. Under activation checkpointing a recomputed layer stays
+  gathered until its backward (autograd checks recomputed tensors against the forward's).
+- fp32 master weights (``optimizer_states``): flat fp32 tensors of the rank's partition of the
   trainable parameters: all of them for stage 0, ``2*ceil(T/2N)`` for stages 1/2 (DeepSpeed pads the
-  flat buffer to a multiple of 2N elements), ``sum(ceil(numel/N))`` for stage 3. Under fp32 precision
+  flat buffer to a multiple of 2N elements), ``sum(ceil(numel/N))`` for stage 3 (in sub-groups, see
+  below). Under fp32 precision
   DeepSpeed's stage-1/2 optimizer still clones the partition (``single_partition_of_fp32_groups``,
   deepspeed/runtime/zero/stage_1_and_2.py); stage 0 and stage 3 step the fp32 weights in place.
 - Adam moments (``optimizer_states``): two fp32 tensors of the same size, allocated up front
@@ -29,11 +32,15 @@ rules are those of ``docs``/model_states: only trainable parameters get gradient
   which like DeepSpeed's fused Adam makes no temporaries.
 - 16-bit gradients (``gradients``): stages 0/1 keep autograd's full ``param.grad``. Stages 2/3 keep only
   the rank's partition: a post-accumulate-grad hook copies the rank's slice of each gradient into a
-  flat 16-bit partition buffer and frees the full gradient (DeepSpeed reduces it and does the same).
-  With gradient accumulation > 1, stage 0/1 gradients exist before the forward (as from the second
-  micro-batch on).
-- fp32 gradient of the partition for the optimizer step (``temporaries``): made from the 16-bit
-  gradients right before the step and freed after it.
+  flat 16-bit partition buffer and frees the full gradient (DeepSpeed reduces it and does the same);
+  ZeRO-2 allocates that buffer at the first gradient and frees it after the step, ZeRO-3 holds it.
+  With gradient accumulation > 1, stage 0/1 gradients and the ZeRO-2 partition exist before the
+  forward (as from the second micro-batch on).
+- fp32 gradient for the optimizer step (``temporaries``): made right before the step and freed after
+  it, as DeepSpeed makes it: ZeRO-2 upcasts its pre-flattened gradient partition (4 bytes per owned
+  element); ZeRO-0/1 first flatten the rank's slices of the 16-bit gradients into a new buffer, then
+  upcast (2 + 4 bytes, briefly); ZeRO-3 does that one optimizer sub-group at a time (DeepSpeed's
+  ``sub_group_size``, ``SUB_GROUP_ELEMENTS``), each sub-group with its own fp32 master and moments.
 - Communication buckets (``buffers``): ZeRO-1/2 allocate two reduce buckets of
   ``REDUCE_BUCKET_ELEMENTS`` in the working dtype at the first gradient and free them after backward
   (contiguous_gradients with overlap_comm, as XTuner's presets set); ZeRO-3 keeps one for the run.
@@ -42,11 +49,17 @@ rules are those of ``docs``/model_states: only trainable parameters get gradient
   exact size goes to ``per_host`` (summed over the ranks of one node). Stage 2/3 gradients then go
   straight to the host: the device keeps only the buckets.
 
+The forward pass runs with ``use_cache=False`` (training keeps no KV cache); the batch holds one
+sequence per row, so ``packing`` does not change the bytes of a step.
+
 Categories: ``weights`` = MemTracker's Parameter bytes; ``gradients`` = gradient bytes at the end of
 backward; ``optimizer_states`` = optimizer-state bytes; ``activations`` = MemTracker's Activation bytes
 at the end of forward (logits and loss included); ``buffers`` = module buffers, buckets and gathered
-ZeRO-3 parameters at the peak; ``temporaries`` = what the peak holds beyond all of those; ``total`` =
-the peak of the step.
+ZeRO-3 parameters at the peak; ``temporaries`` = what the peak holds beyond all of those (0 when the
+peak comes after activations were freed); ``total`` = the peak of the step, so the categories need
+not add up to it. ``StepRecord.phases`` has every category at each phase and phase peak. Not
+modeled: fp16 loss-scaling scratch, gradient clipping's norm buffers (a few bytes per tensor),
+ZeRO-3 prefetching beyond the unit being computed.
 """
 
 from __future__ import annotations
@@ -139,11 +152,6 @@ class ZeroLayout:
         weights = sum(math.ceil(p.numel() / n) for p in params) if stage == 3 else num_params
         return cls(stage, n, num_params, num_trainable, owned, weights)
 
-    @property
-    def grad_numel(self) -> int:
-        """16-bit gradient elements kept after backward: all trainable (stage 0/1) or the partition."""
-        return self.num_trainable if self.stage < 2 else self.owned_numel
-
 
 # --------------------------------------------------------------------------------------------
 # MemTracker, taught two things it lacks
@@ -159,9 +167,10 @@ class _Tracker(MemTracker):
     """MemTracker that accepts frozen parameters (LoRA), lets the harness label its own tensors, and
     keeps only the global peak (what moekit reads)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str = "cpu") -> None:
         super().__init__()
         self._labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.device_type = device_type
 
     def label(self, tensor: torch.Tensor, category: str, *, sticky: bool = False) -> None:
         """Count tensor's storage under category; sticky labels survive MemTracker's own re-labelling."""
@@ -192,10 +201,12 @@ class _Tracker(MemTracker):
                 self._peak_mem_snap[device] = dict(snapshot)
 
     def categories(self, kind: str = "current") -> dict[str, int]:
-        """Bytes by moekit category on the compute device (one device per step)."""
+        """Bytes by moekit category on the compute device (host-side copies are left out)."""
         snapshot = self.get_tracker_snapshot(kind)
         out = dict.fromkeys(CATEGORIES, 0)
-        for device_snapshot in snapshot.values():
+        for device, device_snapshot in snapshot.items():
+            if device.type != self.device_type:
+                continue
             for reftype, value in device_snapshot.items():
                 if reftype in _CATEGORY:
                     out[_CATEGORY[reftype]] += value
@@ -316,8 +327,8 @@ class _Zero3Gatherer:
         for unit in self.units:
             for param in unit.parameters():
                 self.shapes[param] = param.shape
-                if not self.fake:
-                    self.values[param] = param.detach().clone()
+                if not self.fake:  # kept in host RAM, out of the tracked device's way
+                    self.values[param] = param.detach().to("cpu", copy=True)
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
         self.handles = []
         for unit in self.units:
@@ -508,10 +519,13 @@ class _RankStates:
             self._new(self.layout.weight_numel - self.layout.owned_numel, self.dtype, "weights", keep=True)
         if not self.offload:
             self._allocate_optimizer()
-        if self.setup.grad_accum > 1 and not self.partitions_grads:
-            for param in self.trainable:
-                param.grad = torch.zeros_like(param)
-                self.tracker.label(param.grad, "gradients")
+        if self.setup.grad_accum > 1:  # from the second micro-batch on, gradients are held through forward
+            if not self.partitions_grads:
+                for param in self.trainable:
+                    param.grad = torch.zeros_like(param)
+                    self.tracker.label(param.grad, "gradients")
+            elif self.stage == 2 and not self.offload:
+                self.grad_partition = self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
         if self.stage != 3:
             return None
         self.grad_partition = None if self.offload else self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
@@ -713,7 +727,7 @@ def run_step(
     bar.stage("model built")
     compute_device = torch.device("cpu" if device == "fake" else device)
     layers = _decoder_layers(model)
-    tracker = _Tracker()
+    tracker = _Tracker(compute_device.type)
     states = _RankStates(model, setup, tracker, compute_device)
     zero3 = states.allocate(model)
     saved = _SavedTensors(model, zero3)
