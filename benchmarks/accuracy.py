@@ -7,8 +7,9 @@ exist on fake tensors, so totals compare the allocated peak: estimate total minu
 
     python benchmarks/accuracy.py [--quick] [--markdown docs/accuracy.md]
 
-Large presets are simulated with ``simulate_per_layer`` (1 and 2 full-width layers, extrapolated
-linearly to the full depth: exact for identical layers), the small ones in full.
+Every setup is simulated in full (all layers, full width, on fake tensors: seconds each). Linear
+extrapolation from 1 and 2 layers (``simulate_per_layer``) is not used here: ZeRO-3 steps its partition in
+sub-groups of 1e9 elements, which a 2-layer model never reaches.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from moekit.breakdown import Breakdown
 from moekit.estimate import estimate, model_facts
-from moekit.simulate import simulate, simulate_per_layer
+from moekit.simulate import simulate
 from moekit.training_setup import LoraSpec, TrainingSetup
 
 GiB = 2**30
@@ -66,13 +67,6 @@ def grid(quick: bool = False) -> list[TrainingSetup]:
         TrainingSetup(model="mistral-7b", lora=ATTN, seq_len=8192, zero_stage=2),
     ]
     return (small[:4] + large[:2]) if quick else small + large
-
-
-def simulate_any(setup: TrainingSetup) -> Breakdown:
-    """Full simulation for small presets, 1-and-2-layer extrapolation for the big ones."""
-    if model_facts(setup.model).num_params < 1e9:
-        return simulate(setup, progress=False)
-    return simulate_per_layer(setup, progress=False)
 
 
 def deepspeed_estimate_bytes(setup: TrainingSetup) -> int:
@@ -125,7 +119,7 @@ def run(setups: list[TrainingSetup]) -> list[Row]:
     rows = []
     for index, setup in enumerate(setups, 1):
         start = time.perf_counter()
-        simulation = simulate_any(setup)
+        simulation = simulate(setup, progress=False)
         rows.append(Row(setup, estimate(setup), simulation, time.perf_counter() - start))
         row = rows[-1]
         print(f"[{index}/{len(setups)}] {setup.describe()}: states {row.states_error:+.2%}, "
