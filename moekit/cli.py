@@ -385,6 +385,137 @@ def _run_measure(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# moekit ds-config / moekit train / moekit launch
+# --------------------------------------------------------------------------------------------
+
+
+def _add_offload_target_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("offload target")
+    g.add_argument("--offload-device", choices=("cpu", "nvme"), default="cpu", help="where --offload goes (default: %(default)s)")
+    g.add_argument("--nvme-path", default=None, help="folder on a fast local disk, for --offload-device nvme")
+
+
+def _setup_with_offload_target(args: argparse.Namespace) -> TrainingSetup:
+    return setup_from_args(args).replace(offload_device=args.offload_device, nvme_path=args.nvme_path)
+
+
+def _add_ds_config(sub: argparse._SubParsersAction) -> None:
+    from moekit.zero import PRESETS
+
+    p = sub.add_parser(
+        "ds-config",
+        help="print the DeepSpeed config for a setup (validated by DeepSpeed's own parser)",
+        description="Print the DeepSpeed JSON for the setup the flags describe: ZeRO stage and offload, fp16 (dynamic "
+        "loss scaling) or bf16, micro-batch / accumulation / global batch for the world size, clipping, buckets. "
+        "--preset gives one of XTuner's five presets with its 'auto' values resolved (its stage and offload are used).",
+    )
+    add_setup_flags(p)
+    _add_offload_target_flags(p)
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="one of XTuner's DeepSpeed presets")
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step; sets the accumulation")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.set_defaults(run=_run_ds_config)
+
+
+def _run_ds_config(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from moekit.zero import setup_for_preset, validated_ds_config
+
+    setup = _setup_with_offload_target(args)
+    if args.preset:
+        setup = setup_for_preset(setup, args.preset)
+    config = validated_ds_config(setup, args.preset, global_batch=args.global_batch)
+    if args.out:
+        Path(args.out).write_text(json.dumps(config, indent=2) + "\n")
+    print_json(config)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, output_flag: str) -> None:
+    g = parser.add_argument_group("run")
+    g.add_argument(output_flag, default="runs/moekit", help="setup, config, log and checkpoints go here (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=20, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: only at the end (default: %(default)s)")
+    g.add_argument("--data", default=None, help="a local .txt or .jsonl file (default: moekit's bundled text)")
+    g.add_argument("--weights", default=None, help="a local Hugging Face model folder (default: seeded random weights)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train here, as one DeepSpeed rank (use `moekit launch` for several processes or GPUs)",
+        description="Train the setup with DeepSpeed in this process (one rank): build the model, apply LoRA, train, "
+        "log loss and memory per step to log.jsonl, checkpoint, resume from the latest checkpoint, and stop with an "
+        "error if a group of weights meant to train does not move.",
+    )
+    add_setup_flags(p)
+    _add_offload_target_flags(p)
+    _add_run_flags(p, "--output-dir")
+    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if a checkpoint exists")
+    p.add_argument("--check-frozen", action="store_true", help="also check that frozen weights did not change")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from moekit.train import train
+
+    result = train(
+        _setup_with_offload_target(args), args.data, steps=args.steps, output_dir=args.output_dir, save_every=args.save_every,
+        resume=not args.no_resume, seed=args.seed, weights=args.weights, lr=args.lr, check_frozen=args.check_frozen,
+    )
+    if result.losses:
+        first, last = result.start_step + 1, result.last_step
+        print(f"steps {first}-{last}: loss {result.losses[first]:.4f} -> {result.losses[last]:.4f}; log {result.log_path}")
+    for check in result.checks:
+        print(f"guard at step {check.step}: moved {', '.join(g for g, m in check.moved.items() if m)}")
+
+
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="print (--dry-run) or run the exact deepspeed / torchrun command for the setup",
+        description="Write the setup, the DeepSpeed config and, for several nodes, a hostfile into --run-dir, and print "
+        "the deepspeed command (and the torchrun equivalent) with every argument quoted. Without --dry-run, run the "
+        "deepspeed command here, unless the memory estimate says the setup will not fit (--force overrides). On a "
+        "machine without GPUs the same command starts CPU processes.",
+    )
+    add_setup_flags(p)
+    _add_offload_target_flags(p)
+    _add_run_flags(p, "--run-dir")
+    g = p.add_argument_group("launch")
+    g.add_argument("--hosts", default=None, help="comma-separated host names, one per node (default: node1, node2, ...)")
+    g.add_argument("--master-addr", default=None, help="address of the first node (default: the first host)")
+    g.add_argument("--master-port", type=int, default=29500, help="(default: %(default)s)")
+    g.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="what runs without --dry-run")
+    g.add_argument("--dry-run", action="store_true", help="write the files and print the commands; start nothing")
+    g.add_argument("--force", action="store_true", help="launch even if the estimate says it will not fit")
+    p.set_defaults(run=_run_launch)
+
+
+def _run_launch(args: argparse.Namespace) -> None:
+    from moekit.launch import TrainArgs, launch, run_plan
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
+    train_args = TrainArgs(steps=args.steps, save_every=args.save_every, data=args.data, weights=args.weights, lr=args.lr, seed=args.seed)
+    plan = launch(
+        _setup_with_offload_target(args), run_dir=args.run_dir, hosts=hosts, master_addr=args.master_addr,
+        master_port=args.master_port, train_args=train_args,
+    )
+    if args.dry_run:
+        plan.write()
+        print(plan.describe())
+        return
+    print(plan.describe(), flush=True)
+    code = run_plan(plan, force=args.force, launcher=args.launcher)
+    if code:
+        from moekit.launch import LaunchError
+
+        raise LaunchError(f"the {args.launcher} run exited with code {code}; see its output above and {args.run_dir}/log.jsonl.")
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
@@ -396,6 +527,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_plan,
     _add_simulate,
     _add_measure,
+    _add_ds_config,
+    _add_train,
+    _add_launch,
 ]
 
 

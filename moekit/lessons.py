@@ -1,0 +1,265 @@
+"""Small helpers the lesson notebooks share, kept here so no notebook cell grows past a screen.
+
+- ``without_overhead(breakdown)``: an estimate as a CPU step holds it, to put beside ``measure``.
+- ``table(rows)``: a list of dicts shown as an HTML table in Jupyter and as aligned text elsewhere.
+- ``short_run_plan`` / ``start_training`` / ``finish_training`` / ``run_training``: a real DeepSpeed run
+  of a ``moekit.launch`` plan on this machine (GPUs, or CPU processes with gloo), its output kept in a
+  file, its log and training-guard checks read back.
+- ``seconds_per_step``: the wall time of real optimizer steps of a setup on the CPU (the recompute
+  cost of activation checkpointing is measured with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from moekit.breakdown import Breakdown
+from moekit.errors import MoekitError
+from moekit.training_setup import TrainingSetup
+
+if TYPE_CHECKING:
+    from moekit.launch import LaunchPlan
+
+GiB = 2**30
+MiB = 2**20
+
+
+class LessonError(MoekitError):
+    """A lesson step that could not run; the message carries what the failed command printed."""
+
+
+def gib(num_bytes: float) -> float:
+    """Bytes in GiB, rounded to 2 decimals for tables."""
+    return round(num_bytes / GiB, 2)
+
+
+def mib(num_bytes: float) -> float:
+    """Bytes in MiB, rounded to 1 decimal for tables."""
+    return round(num_bytes / MiB, 1)
+
+
+def without_overhead(breakdown: Breakdown) -> Breakdown:
+    """The breakdown without its ``overhead`` (CUDA context, allocator reserve): what a CPU step can be compared with.
+
+    ``estimate`` always adds the CUDA context and the caching allocator's reserve; a measurement on the CPU has
+    neither, so toy-scale charts put ``without_overhead(estimate(toy))`` beside ``measure(toy)``.
+    """
+    overhead = breakdown.per_gpu["overhead"]
+    return dataclasses.replace(breakdown, per_gpu={**breakdown.per_gpu, "overhead": 0}, total_bytes=breakdown.total_bytes - overhead)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """Rows under named columns: an HTML table in a notebook, aligned text in a terminal."""
+
+    columns: list[str]
+    rows: list[list]
+
+    def __str__(self) -> str:
+        cells = [self.columns] + [[_text(v) for v in row] for row in self.rows]
+        widths = [max(len(str(row[i])) for row in cells) for i in range(len(self.columns))]
+        lines = ["  ".join(str(v).rjust(w) for v, w in zip(row, widths)) for row in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_text(v))}</td>" for v in row) + "</tr>" for row in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def table(rows: Sequence[dict]) -> Table:
+    """A Table from dicts sharing their keys (the first row's keys are the columns)."""
+    if not rows:
+        raise LessonError("table() needs at least one row (a dict of column -> value).")
+    columns = list(rows[0])
+    return Table(columns, [[row.get(c, "") for c in columns] for row in rows])
+
+
+# --------------------------------------------------------------------------------------------
+# A real DeepSpeed run from a notebook
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """A finished run: the launcher's exit code and output, the per-step log and the guard's checks."""
+
+    run_dir: Path
+    command: list[str]
+    returncode: int
+    seconds: float
+    output: str
+    log: list[dict] = field(default_factory=list)
+    guard: list[dict] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [record["loss"] for record in self.log]
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The largest per-rank memory the training script itself logged (RSS on CPU, allocator on CUDA)."""
+        return max((record["memory_bytes"] for record in self.log), default=0)
+
+    @property
+    def moved(self) -> dict[str, bool]:
+        """Per trainable group: did its weights change by the last guard check."""
+        return dict(self.guard[-1]["moved"]) if self.guard else {}
+
+    def check(self) -> TrainingRun:
+        """Raise LessonError with the end of the launcher's output unless the run succeeded."""
+        if self.returncode != 0 or not self.log:
+            tail = "\n".join(self.output.strip().splitlines()[-30:])
+            raise LessonError(f"the training run failed (exit code {self.returncode}); the end of its output:\n{tail}")
+        return self
+
+
+def free_port() -> int:
+    """A free TCP port on this machine, so two runs (or a test beside a notebook) do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def short_run_plan(
+    setup: TrainingSetup, run_dir: str | Path, *, steps: int = 8, lr: float | None = None, seed: int = 0, check_fit: bool = True
+) -> LaunchPlan:
+    """``moekit.launch.launch`` for a short run of ``setup`` on a free port (a ``LaunchPlan``; nothing runs yet)."""
+    from moekit.launch import TrainArgs, launch
+
+    return launch(setup, run_dir=run_dir, master_port=free_port(), train_args=TrainArgs(steps=steps, lr=lr, seed=seed),
+                  check_fit=check_fit)
+
+
+def training_env() -> dict[str, str]:
+    """The launcher's environment; DeepSpeed's C++ ops are cached in the checkout's .cache as ``make`` does."""
+    from moekit.launch import launch_env
+
+    env = launch_env()
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".cache" / "torch_extensions"))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+@dataclass
+class StartedRun:
+    """A run in progress: its plan, the launcher process (watch its pid) and the file its output goes to."""
+
+    plan: LaunchPlan
+    process: subprocess.Popen
+    output_file: IO[str]
+    started: float
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def start_training(plan: LaunchPlan) -> StartedRun:
+    """Write the plan's files into a fresh run folder and start its ``deepspeed`` command (output to a file).
+
+    The launcher's pid (``StartedRun.pid``) is what ``moekit.monitor.MemoryMonitor(pids=[...])`` watches.
+    """
+    if plan.run_dir.exists():
+        shutil.rmtree(plan.run_dir)  # a fresh run: no checkpoint to resume from, no stale log
+    plan.write()
+    command = plan.deepspeed_argv() + ["--no-progress", "--no-resume"]
+    output_file = open(plan.run_dir / "launcher.log", "w")  # closed by finish_training
+    process = subprocess.Popen(command, env=training_env(), stdout=output_file, stderr=subprocess.STDOUT, text=True)
+    return StartedRun(plan, process, output_file, time.monotonic())
+
+
+def finish_training(run: StartedRun, *, timeout_s: float = 600) -> TrainingRun:
+    """Wait for a run started by ``start_training`` (kill it after timeout_s) and read its log and guard checks."""
+    from moekit.train import read_log
+
+    try:
+        run.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        run.process.kill()
+        run.process.wait()
+    finally:
+        run.output_file.close()
+    run_dir = run.plan.run_dir
+    guard_path = run_dir / "guard.jsonl"
+    guard = [json.loads(line) for line in guard_path.read_text().splitlines()] if guard_path.is_file() else []
+    log = read_log(run_dir) if (run_dir / "log.jsonl").is_file() else []
+    output = (run_dir / "launcher.log").read_text(errors="replace")
+    return TrainingRun(run_dir, list(run.process.args), run.process.returncode, time.monotonic() - run.started, output, log, guard)
+
+
+def run_training(plan: LaunchPlan, *, timeout_s: float = 600) -> TrainingRun:
+    """Start the plan's DeepSpeed command here, wait for it, and return the checked run."""
+    return finish_training(start_training(plan), timeout_s=timeout_s).check()
+
+
+def demo_gpus() -> int:
+    """Ranks for a demonstration run here: up to 2 GPUs when torch sees any, else 2 CPU processes."""
+    import torch
+
+    return min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+
+
+# --------------------------------------------------------------------------------------------
+# Time per training step
+# --------------------------------------------------------------------------------------------
+
+
+def seconds_per_step(setup: TrainingSetup, *, steps: int = 3, seed: int = 0, num_layers: int | None = None) -> float:
+    """Median wall time of ``steps`` real optimizer steps (forward, backward, AdamW) of ``setup`` here.
+
+    The model is built as the memory harness builds it (``moekit.step.build_for_training``: working
+    dtype, LoRA, activation checkpointing); one warm-up step is not counted.
+    """
+    import torch
+
+    from moekit.step import build_for_training
+
+    model = build_for_training(setup, "cpu", num_layers=num_layers, seed=seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, model.config.vocab_size, (setup.micro_batch, setup.seq_len), generator=generator)
+    times = []
+    for _ in range(steps + 1):
+        began = time.perf_counter()
+        model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times[1:])
+
+
+__all__ = ["GiB", "MiB", "LessonError", "StartedRun", "Table", "TrainingRun", "short_run_plan", "demo_gpus", "finish_training",
+           "free_port", "gib", "mib", "run_training", "seconds_per_step", "start_training", "table", "training_env", "without_overhead"]

@@ -1,0 +1,933 @@
+"""The real training entry point: ``train(setup)`` runs DeepSpeed on the config ``ds_config(setup)`` gives.
+
+One process is one rank. Under the DeepSpeed launcher (``deepspeed --num_gpus N -m moekit.train
+--setup-json setup.json ...``) or torchrun, every rank runs ``main()``; called from Python without a
+launcher, ``train`` runs a single rank. On a machine without GPUs DeepSpeed uses its CPU accelerator
+and gloo, so the same code trains a tiny model with several CPU processes.
+
+What a run does, in order: build the model (seeded random weights for a preset, or a local weights
+folder), apply LoRA, mark MoE blocks as ZeRO-3 leaf modules, enable activation checkpointing when
+asked, ``deepspeed.initialize``, then step through batches whose order is fixed by the step counter,
+logging loss and memory per step to ``log.jsonl``, saving checkpoints every ``save_every`` steps and
+resuming from the latest one.
+
+**The training guard.** A falling loss proves little: attention adapters can carry the loss down while
+the expert adapters never change. After the first optimizer step and at every checkpoint the guard
+compares a fingerprint (sums and a few sampled values, gathered one tensor at a time under ZeRO-3) of
+every group of weights the setup says is trainable, and stops the run with ``TrainingGuardError``
+naming each group that did not move.
+
+**Building under ZeRO-3 (zero.Init).** A model too large for one device must be built already
+partitioned, inside ``deepspeed.zero.Init``. Opening that context by hand around
+``AutoModelForCausalLM.from_config`` is a trap with transformers 5: the parameters are partitioned
+into empty shards as each module is constructed, and transformers initializes weights afterwards in
+its own recursion (``smart_apply``), which bypasses the ``Module.apply`` wrapper DeepSpeed uses to
+gather shards for initialization. Every tensor that transformers initializes in ``_init_weights``
+instead of in the module's own constructor keeps the bytes ``torch.empty`` left: the fused expert
+tensors ``gate_up_proj``/``down_proj`` and the router. Those bytes are usually tiny numbers, so each
+expert's output is ~0, the gradient reaching the expert LoRA is ~1e-41, Adam's eps swamps it and the
+expert adapters never move, while nn.Linear layers (initialized in their constructors) and their
+attention adapters train and the loss falls. moekit's ZeRO-3 path avoids this by letting transformers
+open zero.Init itself: it registers the DeepSpeed config with ``HfDeepSpeedConfig`` and then builds
+(``from_config`` or ``from_pretrained``), and transformers then runs ``initialize_weights_zero3``,
+which gathers each module's shards before initializing them. peft and DeepSpeed are not at fault:
+peft's ParamWrapper folds the adapter into the expert weight correctly under ZeRO-3 once that weight
+holds real values. ``scripts/repro_zero_init_expert_lora.py`` reproduces both paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moekit.data import BatchOrder, TokenizedData
+from moekit.errors import MoekitError
+from moekit.training_setup import LoraSpec, TrainingSetup
+
+#: Learning rates for real fine-tuning; tiny lesson models learn visibly with 1e-3 (full) to 1e-2 (LoRA).
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+#: Values sampled per tensor for the fingerprint, besides its sum, sum of |x| and sum of x**2.
+FINGERPRINT_SAMPLES = 8
+#: A fingerprint entry changed when it moved by more than this, relative to its size (at least 1).
+MOVE_TOLERANCE = 1e-12
+#: Elements summed at a time, so a fingerprint never copies a whole (fused expert) tensor to float64.
+FINGERPRINT_CHUNK = 1 << 24
+
+
+class TrainingError(MoekitError):
+    """A training run that cannot start or continue as asked; the message says what to change."""
+
+
+class TrainingGuardError(TrainingError):
+    """Weights the setup says are trainable did not change (or frozen ones did)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The setup as a file (the launcher hands it to every rank)
+# --------------------------------------------------------------------------------------------
+
+
+def setup_from_dict(data: dict) -> TrainingSetup:
+    """The inverse of ``TrainingSetup.as_dict``."""
+    data = dict(data)
+    lora = data.pop("lora", None) or {}
+    known = {f.name for f in dataclasses.fields(TrainingSetup)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TrainingError(f"unknown setup fields {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    return TrainingSetup(**data, lora=LoraSpec(**{**lora, "targets": tuple(lora.get("targets", LoraSpec().targets))}))
+
+
+def save_setup(setup: TrainingSetup, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(setup.as_dict(), indent=2) + "\n")
+    return path
+
+
+def load_setup(path: str | Path) -> TrainingSetup:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"setup file {path} does not exist; write one with moekit.train.save_setup(setup, path).")
+    return setup_from_dict(json.loads(path.read_text()))
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed start
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SINGLE_RANK_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the launcher's process group, or make a one-rank group for a plain call; return (rank, world size).
+
+    DeepSpeed picks the backend for the accelerator: NCCL on GPUs, gloo (or oneCCL) on the CPU. A
+    one-rank group lives as long as the process (DeepSpeed caches its groups, so it cannot be taken
+    down and made again between two ``train`` calls in a notebook); it is closed at exit.
+    """
+    import atexit
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update({**SINGLE_RANK_ENV, "MASTER_PORT": str(_free_port())})
+        atexit.register(close_process_group)
+    deepspeed.init_distributed(verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def close_process_group() -> None:
+    """Leave the process group in step with the other ranks: a process exiting while its communication
+    threads still run can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def setup_for_world(setup: TrainingSetup, world_size: int) -> TrainingSetup:
+    """The setup as this run executes it: same micro-batch and accumulation, the ranks that really started."""
+    if setup.world_size == world_size:
+        return setup
+    return setup.replace(gpus_per_node=world_size, num_nodes=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Building the model
+# --------------------------------------------------------------------------------------------
+
+
+def weights_folder(setup: TrainingSetup, weights: str | Path | None) -> Path | None:
+    """The local folder to load weights from: ``weights``, or setup.model when it is a folder with safetensors."""
+    if weights is not None:
+        folder = Path(weights).expanduser()
+        if not folder.is_dir():
+            raise TrainingError(f"weights folder {folder} does not exist; give a local Hugging Face model folder.")
+        return folder
+    candidate = Path(str(setup.model)).expanduser()
+    if candidate.is_dir() and any(candidate.glob("*.safetensors")):
+        return candidate
+    return None
+
+
+@contextlib.contextmanager
+def zero3_build_context(config: dict, enabled: bool) -> Iterator[object | None]:
+    """Let transformers build under ZeRO-3 itself: zero.Init *and* weight init on gathered shards.
+
+    ``HfDeepSpeedConfig`` registers the config (transformers keeps a weak reference, so the object
+    must stay alive while the model is built and trained); ``from_config``/``from_pretrained`` then
+    open ``deepspeed.zero.Init`` and, for random weights, run ``initialize_weights_zero3``. Opening
+    zero.Init by hand instead leaves the fused experts uninitialized (see the module docstring).
+    """
+    if not enabled:
+        yield None
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    registration = HfDeepSpeedConfig(config)
+    yield registration
+
+
+def build_base_model(setup: TrainingSetup, folder: Path | None, seed: int) -> torch.nn.Module:
+    """Seeded random weights for a preset, or a local folder's weights (4-bit for QLoRA)."""
+    from moekit.models import build_model, load_pretrained
+
+    if setup.method == "qlora":
+        return _load_quantized(setup, folder)
+    if folder is not None:
+        torch.manual_seed(seed)
+        return load_pretrained(folder, dtype=torch.float32, attn_implementation=setup.attn_implementation)
+    return build_model(setup.model, "cpu", seed=seed, dtype=torch.float32, attn_implementation=setup.attn_implementation)
+
+
+def _load_quantized(setup: TrainingSetup, folder: Path | None) -> torch.nn.Module:
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from moekit.lora import bitsandbytes_config
+
+    quantization = bitsandbytes_config(setup)  # raises a clear error without bitsandbytes + CUDA
+    if folder is None:
+        raise TrainingError("QLoRA quantizes real weights: give a local weights folder (weights=...), or use method='lora'.")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, quantization_config=quantization, attn_implementation=setup.attn_implementation
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.activation_checkpointing)
+
+
+def add_lora(model: torch.nn.Module, spec: LoraSpec, lora_config=None) -> torch.nn.Module:
+    """``moekit.lora.apply_lora``, or ``get_peft_model`` with a LoraConfig resolved beforehand.
+
+    Under zero.Init the parameters are partitioned (they look empty until gathered), so moekit
+    resolves the targets from the preset or config before building (``peft_config(spec, setup.model)``)
+    and passes that config here.
+    """
+    if lora_config is None:
+        from moekit.lora import apply_lora
+
+        return apply_lora(model, spec)
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        return get_peft_model(model, lora_config)
+
+
+def moe_block_classes(model: torch.nn.Module) -> list[type]:
+    """The module classes that hold a router and experts (MixtralSparseMoeBlock and its relatives)."""
+    classes = {type(m) for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")}
+    return sorted(classes, key=lambda c: c.__name__)
+
+
+def prepare_model(model: torch.nn.Module, setup: TrainingSetup, lora_config=None) -> torch.nn.Module:
+    """Activation checkpointing, LoRA and ZeRO-3 leaf modules, in the order they need."""
+    model.config.use_cache = False
+    if setup.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.uses_lora:
+        model = add_lora(model, setup.lora, lora_config)
+    if setup.zero_stage == 3:
+        classes = moe_block_classes(model)
+        if classes:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            # An expert that gets no tokens would skip its ZeRO-3 hooks and the ranks would wait forever.
+            set_z3_leaf_modules(model, classes)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The training guard
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters watched together: one adapted weight's LoRA pair, or one component of the base model."""
+
+    label: str
+    names: tuple[str, ...]
+    trainable: bool
+    num_params: int
+
+
+def _strip_peft(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def _lora_target_label(module_path: str, parameter_name: str | None) -> str:
+    from moekit.models import component_of
+
+    path = _strip_peft(module_path)
+    component = component_of(f"{path}.{parameter_name or 'weight'}")
+    if parameter_name and parameter_name != "weight":
+        return f"{component} LoRA {parameter_name}"
+    return f"{component} LoRA"
+
+
+def _base_label(name: str) -> str:
+    from moekit.models import component_of
+
+    name = _strip_peft(name)
+    component = component_of(name)
+    if component == "experts":
+        return f"experts {name.rpartition('.')[2]}"
+    return component
+
+
+def param_groups(model: torch.nn.Module, setup: TrainingSetup) -> list[ParamGroup]:
+    """Groups the setup says are trainable (LoRA per adapted weight, or every base component) and the frozen rest.
+
+    Trainability comes from the setup, not from ``requires_grad``: a group frozen by mistake is still
+    expected to move, which is how the guard notices it.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    label_of: dict[str, str] = {}
+    if setup.uses_lora:
+        for module_path, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                label = _lora_target_label(module_path, getattr(module, "parameter_name", None))
+                for attribute in ("lora_A", "lora_B"):
+                    for adapter_name, _ in getattr(module, attribute).named_parameters():
+                        label_of[f"{module_path}.{attribute}.{adapter_name}"] = label
+    members: dict[tuple[str, bool], list[str]] = {}
+    sizes: dict[tuple[str, bool], int] = {}
+    for name, param in model.named_parameters():
+        trainable = name in label_of or not setup.uses_lora
+        label = label_of.get(name) or _base_label(name)
+        if not trainable:
+            label = f"frozen {label}"
+        key = (label, trainable)
+        members.setdefault(key, []).append(name)
+        sizes[key] = sizes.get(key, 0) + _numel(param)
+    return [ParamGroup(label, tuple(names), trainable, sizes[(label, trainable)]) for (label, trainable), names in members.items()]
+
+
+def _numel(param: torch.Tensor) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def lora_components(setup: TrainingSetup) -> set[str]:
+    """The components (attention, experts, router, ...) the setup's LoRA spec adapts; empty for full fine-tuning."""
+    from moekit.lora import resolve_targets
+
+    return set(resolve_targets(setup.lora, setup.model).groups) if setup.uses_lora else set()
+
+
+def check_lora_coverage(groups: list[ParamGroup], wanted: set[str]) -> None:
+    """Every component the LoRA spec targets must have adapters in the built model."""
+    present = {g.label.split(" LoRA")[0] for g in groups if g.trainable}
+    missing = sorted(wanted - present)
+    if missing:
+        raise TrainingGuardError(
+            f"the setup asks for LoRA on {', '.join(missing)}, but the built model has no such adapters; "
+            "check the LoRA targets against `moekit lora --model ...`."
+        )
+
+
+@contextlib.contextmanager
+def gathered(param: torch.nn.Parameter) -> Iterator[torch.Tensor]:
+    """The full tensor of a parameter: gathered from its ZeRO-3 shards for the duration, or itself."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield param.data
+    else:
+        yield param.data
+
+
+def master_weights(optimizer) -> dict[int, torch.Tensor]:
+    """id(param) -> its fp32 master for DeepSpeed's no-ZeRO 16-bit optimizers (FP16_Optimizer and the unfused one).
+
+    ZeRO-1/2/3 link each parameter to its master themselves (``_hp_mapping`` / ``ds_id``); without
+    ZeRO, bf16/fp16 training keeps the masters in the optimizer, flat (fused) or one per parameter.
+    Returns {} when the optimizer has neither layout (fp32 training: the parameters are the masters).
+    """
+    groups = getattr(optimizer, "fp16_groups", None)
+    if not groups:
+        return {}
+    masters: dict[int, torch.Tensor] = {}
+    flats, per_param = getattr(optimizer, "fp32_groups_flat", None), getattr(optimizer, "fp32_groups", None)
+    for index, params in enumerate(groups):
+        if flats is not None and sum(p.numel() for p in params) == flats[index].numel():
+            offset = 0
+            for param in params:
+                masters[id(param)] = flats[index].detach().narrow(0, offset, param.numel())
+                offset += param.numel()
+        elif per_param is not None:
+            for param, master in zip(params, per_param[index]):
+                masters[id(param)] = master.detach()
+    return masters
+
+
+@contextlib.contextmanager
+def watched_tensor(param: torch.nn.Parameter, masters: dict[int, torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """What the guard fingerprints on this rank: its piece of the fp32 master weights the optimizer updates.
+
+    Master weights, not the 16-bit copies: a bf16 weight of 1.0 only changes when its master moved
+    by more than 2**-8, so after one step at lr 1e-3 the norms of a full fine-tune look frozen in
+    bf16 although they trained. Each rank reads only its own fragment (ZeRO-1/2: ``_hp_mapping``;
+    ZeRO-3: ``safe_get_local_fp32_param``), so nothing is gathered. Parameters without a master
+    (frozen ones) are read as they are, gathered one at a time under ZeRO-3. Without ZeRO the
+    16-bit optimizers keep the masters themselves (``masters``, from ``master_weights``).
+    """
+    if masters and id(param) in masters:
+        yield masters[id(param)]
+    elif hasattr(param, "ds_id"):
+        if param.requires_grad:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            yield safe_get_local_fp32_param(param)
+        else:
+            with gathered(param) as full:
+                yield full
+    elif hasattr(param, "_hp_mapping"):
+        mapping = param._hp_mapping
+        yield mapping.get_hp_fragment() if mapping is not None else torch.empty(0)
+    else:
+        yield param.data
+
+
+def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """float64 [sum, sum of |x|, sum of x^2, 8 evenly spaced values]: changes whenever the tensor does, one read."""
+    flat = tensor.detach().reshape(-1)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for chunk in flat.split(FINGERPRINT_CHUNK):
+        wide = chunk.to(torch.float64)
+        sums += torch.stack([wide.sum(), wide.abs().sum(), wide.square().sum()]).cpu()
+    picks = torch.linspace(0, max(flat.numel() - 1, 0), steps=min(FINGERPRINT_SAMPLES, flat.numel())).long()
+    return torch.cat([sums, flat[picks.to(flat.device)].to(torch.float64).cpu()])
+
+
+def fingerprints(
+    model: torch.nn.Module, groups: list[ParamGroup], masters: dict[int, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """This rank's fingerprint of every watched parameter (all ranks take part: ZeRO-3 may gather)."""
+    params = dict(model.named_parameters())
+    result = {}
+    for group in groups:
+        for name in group.names:
+            with watched_tensor(params[name], masters) as tensor:
+                result[name] = fingerprint(tensor)
+    return result
+
+
+def _moved(before: torch.Tensor, after: torch.Tensor) -> bool:
+    return bool(((after - before).abs() > MOVE_TOLERANCE * before.abs().clamp(min=1.0)).any())
+
+
+def _any_rank(flags: list[bool]) -> list[bool]:
+    """True where any rank says True (each rank sees only its fragment of the masters)."""
+    import torch.distributed as dist
+
+    if not flags or not (dist.is_available() and dist.is_initialized()):
+        return flags
+    tensor = torch.tensor(flags, dtype=torch.float32)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.cpu()]
+
+
+@dataclass
+class GuardCheck:
+    """One check: for each group, whether it moved since the previous check, and whether it stayed finite."""
+
+    step: int
+    moved: dict[str, bool]
+    finite: dict[str, bool]
+    trainable: dict[str, bool]
+
+    @property
+    def stuck(self) -> list[str]:
+        return [g for g, t in self.trainable.items() if t and not self.moved[g]]
+
+    @property
+    def frozen_moved(self) -> list[str]:
+        return [g for g, t in self.trainable.items() if not t and self.moved[g]]
+
+    @property
+    def not_finite(self) -> list[str]:
+        return [g for g, ok in self.finite.items() if not ok]
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "moved": self.moved, "finite": self.finite, "trainable": self.trainable}
+
+
+class TrainingGuard:
+    """Fingerprints the watched groups, then checks that trainable ones moved (and frozen ones did not).
+
+    Cost per check: one read of each rank's share of the trainable master weights and one
+    all-reduce of a flag per group (frozen groups, with check_frozen, are gathered one tensor at a
+    time under ZeRO-3).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, groups: list[ParamGroup], check_frozen: bool = False, optimizer=None
+    ) -> None:
+        self.model = model
+        self.groups = [g for g in groups if g.trainable or check_frozen]
+        self.masters = master_weights(optimizer)
+        self.previous = fingerprints(model, self.groups, self.masters)
+
+    def check(self, step: int) -> GuardCheck:
+        """Compare with the previous check; raise TrainingGuardError when a group did not do what it should."""
+        current = fingerprints(self.model, self.groups, self.masters)
+        moved = _any_rank([any(_moved(self.previous[n], current[n]) for n in g.names) for g in self.groups])
+        broken = _any_rank([not all(bool(torch.isfinite(current[n]).all()) for n in g.names) for g in self.groups])
+        labels = [g.label for g in self.groups]
+        result = GuardCheck(step, dict(zip(labels, moved)), {g: not b for g, b in zip(labels, broken)},
+                            {g.label: g.trainable for g in self.groups})
+        self.previous = current
+        problems = guard_problems(result, self.groups)
+        if problems:
+            raise TrainingGuardError(f"training guard at step {step}: " + "; ".join(problems))
+        return result
+
+
+def guard_problems(check: GuardCheck, groups: list[ParamGroup]) -> list[str]:
+    """The sentences of a guard error, empty when the check passed."""
+    sizes = {g.label: g.num_params for g in groups}
+    problems = []
+    if check.stuck:
+        listed = ", ".join(f"{g} ({sizes[g]:,} params)" for g in check.stuck)
+        problems.append(
+            f"these groups are meant to train but did not change: {listed}. Their gradients were zero or they "
+            "were frozen; a falling loss does not show that they train. A common cause is a model built inside a "
+            "hand-opened deepspeed.zero.Init whose expert weights were never initialized (docs/training.md)"
+        )
+    if check.frozen_moved:
+        problems.append(f"these groups are meant to stay frozen but changed: {', '.join(check.frozen_moved)}")
+    if check.not_finite:
+        problems.append(f"these groups hold NaN or inf: {', '.join(check.not_finite)}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step{step:06d}"
+
+
+def latest_checkpoint_step(output_dir: str | Path) -> int | None:
+    """The step of the newest complete checkpoint (DeepSpeed writes ``latest`` last), or None."""
+    latest = checkpoint_dir(Path(output_dir)) / "latest"
+    if not latest.is_file():
+        return None
+    return int(latest.read_text().strip().removeprefix("step"))
+
+
+def save_checkpoint(engine, setup: TrainingSetup, output_dir: Path, step: int) -> Path:
+    """Hugging Face weights (LoRA adapters or the full model), then DeepSpeed's engine state and ``latest``."""
+    tag = checkpoint_tag(step)
+    folder = checkpoint_dir(output_dir) / tag
+    save_hf_weights(engine, setup, folder / "hf")
+    engine.save_checkpoint(str(checkpoint_dir(output_dir)), tag=tag, client_state={"step": step},
+                           exclude_frozen_parameters=setup.uses_lora)
+    return folder
+
+
+def save_hf_weights(engine, setup: TrainingSetup, folder: Path) -> None:
+    """Adapters with peft's save_pretrained, or full 16-bit weights with transformers' (gathered under ZeRO-3)."""
+    import torch.distributed as dist
+
+    module = engine.module
+    if setup.uses_lora:
+        state = {}
+        for name, param in module.named_parameters():
+            if "lora_" in name:
+                with gathered(param) as full:
+                    state[name] = full.detach().cpu().clone()
+    elif setup.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # DeepSpeed's gather, also used by HF accelerate
+    else:
+        state = module.state_dict()
+    if dist.get_rank() == 0:
+        module.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+    dist.barrier()
+
+
+def resume_from(engine, output_dir: Path, setup: TrainingSetup) -> int:
+    """Load the latest checkpoint into the engine; return the step it was saved at (0 when there is none)."""
+    step = latest_checkpoint_step(output_dir)
+    if step is None:
+        return 0
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir(output_dir)), load_module_strict=not setup.uses_lora)
+    if path is None:
+        raise TrainingError(f"DeepSpeed could not load the checkpoint in {checkpoint_dir(output_dir)}; remove it or set resume=False.")
+    return int(client_state["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+def memory_now(device: torch.device) -> tuple[int, str]:
+    """Peak CUDA memory allocated since the last call on a GPU, resident memory on the CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(peak), "cuda_max_allocated"
+    import psutil
+
+    return int(psutil.Process().memory_info().rss), "rss"
+
+
+def _all_ranks(value: float, op: str) -> float:
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(tensor.item()) / (1 if op == "max" else dist.get_world_size())
+
+
+def read_log(output_dir: str | Path) -> list[dict]:
+    """The per-step records of a run's log.jsonl."""
+    path = Path(output_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop records after the checkpoint we resume from (a run killed between checkpoints wrote them)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _append_json(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# train()
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a run did: the steps it ran, the loss at each, and the guard's checks."""
+
+    output_dir: Path
+    start_step: int
+    last_step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    checks: list[GuardCheck] = field(default_factory=list)
+    world_size: int = 1
+
+    @property
+    def log_path(self) -> Path:
+        return self.output_dir / "log.jsonl"
+
+
+def training_config(setup: TrainingSetup, lr: float, config: dict | None = None) -> dict:
+    """``ds_config(setup)`` (or a given config) plus DeepSpeed's AdamW, validated by DeepSpeed's parser."""
+    from moekit.zero import ds_config, optimizer_section, validate_ds_config
+
+    config = dict(config) if config is not None else ds_config(setup)
+    config.setdefault("optimizer", optimizer_section(lr))
+    return validate_ds_config(config, setup.world_size)
+
+
+def train(
+    setup: TrainingSetup,
+    data: str | Path | None = None,
+    *,
+    steps: int = 20,
+    output_dir: str | Path = "runs/moekit",
+    save_every: int = 0,
+    resume: bool = True,
+    seed: int = 0,
+    weights: str | Path | None = None,
+    lr: float | None = None,
+    zero_init: bool | None = None,
+    check_frozen: bool = False,
+    config: dict | None = None,
+    model_hook: Callable[[torch.nn.Module], None] | None = None,
+    kill_after_checkpoint: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``steps`` optimizer steps with DeepSpeed as this process's rank; resume from the latest checkpoint.
+
+    data: a local .txt / .jsonl file, or None for the bundled text. weights: a local model folder
+    (default: seeded random weights of the preset). save_every: checkpoint every N steps (0: only at
+    the end). zero_init: build the model already partitioned (ZeRO-3 only; default on under ZeRO-3).
+    check_frozen: also make the guard check that frozen weights did not change (gathers them too).
+    config: a DeepSpeed config to use instead of ``ds_config(setup)``. model_hook: called on the
+    prepared model before ``deepspeed.initialize`` (for experiments, e.g. freezing a group to see
+    the guard fire). kill_after_checkpoint: SIGKILL every rank right after saving that step (a
+    resume drill).
+    """
+    if steps <= 0:
+        raise TrainingError(f"steps must be positive, got {steps}.")
+    if save_every < 0:
+        raise TrainingError(f"save_every must be 0 (only at the end) or a positive number of steps, got {save_every}.")
+    zero_init = setup.zero_stage == 3 if zero_init is None else zero_init
+    if zero_init and setup.zero_stage != 3:
+        raise TrainingError(f"zero_init builds the model partitioned, which only ZeRO-3 does; the setup is ZeRO-{setup.zero_stage}.")
+    check_precision_supported(setup.precision)
+    rank, world_size = init_distributed()
+    return _train_rank(setup, data, rank, world_size, steps=steps, output_dir=Path(output_dir), save_every=save_every,
+                           resume=resume, seed=seed, weights=weights, lr=lr, zero_init=zero_init, check_frozen=check_frozen,
+                           config=config, model_hook=model_hook, kill_after_checkpoint=kill_after_checkpoint, progress=progress)
+
+
+def _train_rank(setup: TrainingSetup, data, rank: int, world_size: int, *, steps: int, output_dir: Path, save_every: int,
+                resume: bool, seed: int, weights, lr: float | None, zero_init: bool, check_frozen: bool, config: dict | None,
+                model_hook, kill_after_checkpoint: int | None, progress: bool) -> TrainResult:
+    """train() for this rank, once the process group exists."""
+    run_setup = setup_for_world(setup, world_size)
+    lr = DEFAULT_LR[setup.method] if lr is None else lr
+    ds_config = training_config(run_setup, lr, config)
+    folder = weights_folder(setup, weights)
+    if rank == 0:
+        _write_run_files(output_dir, setup, ds_config, world_size)
+
+    # Resolve LoRA targets before building: under zero.Init the weights look empty, and a meta-device
+    # build for the inventory must not happen while transformers sees a ZeRO-3 config.
+    wanted = lora_components(run_setup)
+    lora_config = _peft_config(run_setup) if zero_init and run_setup.uses_lora else None
+    with zero3_build_context(ds_config, zero_init):
+        model = prepare_model(build_base_model(run_setup, folder, seed), run_setup, lora_config)
+        groups = param_groups(model, run_setup)
+        check_lora_coverage(groups, wanted)
+        if model_hook is not None:
+            model_hook(model)
+        engine = _initialize(model, ds_config)
+        return _run(engine, run_setup, groups, _batches(run_setup, data, folder, model.config, seed, world_size),
+                    steps=steps, output_dir=output_dir, save_every=save_every, resume=resume,
+                    check_frozen=check_frozen, kill_after_checkpoint=kill_after_checkpoint, progress=progress and rank == 0)
+
+
+def _write_run_files(output_dir: Path, setup: TrainingSetup, ds_config: dict, world_size: int) -> None:
+    """setup.json and the ds_config.json the run uses; a note when fewer ranks started than the setup says."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_setup(setup, output_dir / "setup.json")
+    (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    if setup.world_size != world_size:
+        print(
+            f"moekit train: the setup describes {setup.world_size} ranks but {world_size} started; keeping "
+            f"micro-batch {setup.micro_batch} x accumulation {setup.grad_accum} on {world_size}.",
+            file=sys.stderr,
+        )
+
+
+def check_precision_supported(precision: str) -> None:
+    """fp16 needs a GPU: DeepSpeed's CPU accelerator refuses it ("Type fp16 is not supported on your device")."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if precision == "fp16" and not accelerator.is_fp16_supported():
+        raise TrainingError(
+            f"precision='fp16' is not supported by DeepSpeed's {accelerator.device_name()} accelerator here; "
+            "use precision='bf16' (or 'fp32') on this machine, fp16 on a GPU."
+        )
+
+
+def _peft_config(setup: TrainingSetup):
+    from moekit.lora import peft_config
+
+    return peft_config(setup.lora, setup.model)
+
+
+def _initialize(model: torch.nn.Module, config: dict):
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainingError("no parameter requires a gradient; check the method and the LoRA targets.")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    return engine
+
+
+@dataclass
+class _Batches:
+    """Token rows and the order ranks read them in."""
+
+    data: TokenizedData
+    order: BatchOrder
+
+    def get(self, step: int, micro_step: int, rank: int) -> dict[str, torch.Tensor]:
+        return self.data.collate(self.order.row_indices(step, micro_step, rank))
+
+
+def _batches(setup: TrainingSetup, data, folder, model_config, seed: int, world_size: int) -> _Batches:
+    from moekit.data import load_documents, tokenize, tokenizer_for
+
+    tokenizer = tokenizer_for(model_config.vocab_size, folder)
+    tokenized = tokenize(load_documents(data), tokenizer, setup.seq_len, setup.packing)
+    order = BatchOrder(tokenized.num_rows, setup.micro_batch, setup.grad_accum, world_size, seed)
+    return _Batches(tokenized, order)
+
+
+def _run(engine, setup: TrainingSetup, groups: list[ParamGroup], batches: _Batches, *, steps: int, output_dir: Path,
+         save_every: int, resume: bool, check_frozen: bool, kill_after_checkpoint: int | None, progress: bool) -> TrainResult:
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    start = resume_from(engine, output_dir, setup) if resume else 0
+    log_path, guard_path = output_dir / "log.jsonl", output_dir / "guard.jsonl"
+    if rank == 0:
+        _truncate_log(log_path, start)
+    result = TrainResult(output_dir, start, start, world_size=world_size)
+    guard = TrainingGuard(engine.module, groups, check_frozen, engine.optimizer)
+    first_check_done, applied_since_check = False, False
+    device = engine.device
+    for step in tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="moekit train"):
+        began = time.perf_counter()
+        loss = _optimizer_step(engine, batches, step, rank, setup.grad_accum, device)
+        memory_bytes, memory_kind = memory_now(torch.device(device))
+        record = {"step": step + 1, "loss": _all_ranks(loss, "mean"), "lr": float(engine.get_lr()[0]),
+                  "seconds": round(time.perf_counter() - began, 4), "memory_bytes": int(_all_ranks(memory_bytes, "max")),
+                  "memory_kind": memory_kind, "step_applied": bool(engine.was_step_applied())}
+        result.losses[step + 1] = record["loss"]
+        result.last_step = step + 1
+        if rank == 0:
+            _append_json(log_path, record)
+        if not math.isfinite(record["loss"]):
+            raise TrainingError(_non_finite_loss_message(record["loss"], step + 1, first=step == start))
+        checkpoint_now = step + 1 == steps or (save_every and (step + 1) % save_every == 0)
+        # fp16 skips steps whose gradients overflowed: only a step that was applied can move weights.
+        applied_since_check = applied_since_check or record["step_applied"]
+        if applied_since_check and (checkpoint_now or not first_check_done):
+            check = guard.check(step + 1)
+            first_check_done, applied_since_check = True, False
+            result.checks.append(check)
+            if rank == 0:
+                _append_json(guard_path, check.as_dict())
+        if checkpoint_now:
+            save_checkpoint(engine, setup, output_dir, step + 1)
+            if kill_after_checkpoint == step + 1:
+                dist.barrier()
+                os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+
+def _non_finite_loss_message(loss: float, step: int, first: bool) -> str:
+    if first:
+        return (
+            f"the loss is {loss} at step {step}, before this run changed any weight: the model's weights hold NaN, inf "
+            "or garbage. A model built inside a hand-opened deepspeed.zero.Init keeps uninitialized expert and router "
+            "weights (docs/training.md); let moekit build it (zero_init=True) or load real weights."
+        )
+    return f"the loss is {loss} at step {step}; lower the learning rate, or use bf16 instead of fp16."
+
+
+def _optimizer_step(engine, batches: _Batches, step: int, rank: int, grad_accum: int, device) -> float:
+    """One optimizer step of grad_accum micro-batches; returns this rank's mean loss."""
+    total = 0.0
+    for micro_step in range(grad_accum):
+        batch = {k: v.to(device) for k, v in batches.get(step, micro_step, rank).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        total += float(loss.detach().float().item())
+    return total / grad_accum
+
+
+# --------------------------------------------------------------------------------------------
+# The script form: python -m moekit.train (one rank; run it under deepspeed or torchrun)
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m moekit.train",
+        description="One rank of a moekit training run; start it with `deepspeed --num_gpus N --module moekit.train ...` "
+        "or `torchrun --nproc_per_node N -m moekit.train ...` (moekit launch prints the exact command).",
+    )
+    p.add_argument("--setup-json", required=True, help="the TrainingSetup as JSON (moekit.train.save_setup)")
+    p.add_argument("--output-dir", default="runs/moekit", help="log, checkpoints and weights go here (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps to reach (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: only at the end (default: %(default)s)")
+    p.add_argument("--data", default=None, help="a local .txt or .jsonl file (default: moekit's bundled text)")
+    p.add_argument("--weights", default=None, help="a local Hugging Face model folder (default: seeded random weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    p.add_argument("--ds-config", default=None, help="a DeepSpeed JSON to use instead of the one built from the setup")
+    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if a checkpoint exists")
+    p.add_argument(
+        "--zero-init", choices=("auto", "on", "off"), default="auto", help="build partitioned under ZeRO-3 (auto: on for ZeRO-3)"
+    )
+    p.add_argument("--check-frozen", action="store_true", help="the guard also checks that frozen weights did not change")
+    p.add_argument("--kill-after-checkpoint", type=int, default=None, help="resume drill: SIGKILL every rank after saving this step")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        setup = load_setup(args.setup_json)
+        config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else None
+        result = train(
+            setup, args.data, steps=args.steps, output_dir=args.output_dir, save_every=args.save_every,
+            resume=not args.no_resume, seed=args.seed, weights=args.weights, lr=args.lr,
+            zero_init={"auto": None, "on": True, "off": False}[args.zero_init], check_frozen=args.check_frozen,
+            config=config, kill_after_checkpoint=args.kill_after_checkpoint, progress=not args.no_progress,
+        )
+    except MoekitError as err:
+        print(f"moekit train: error: {err}", file=sys.stderr)
+        return 2
+    close_process_group()
+    if int(os.environ.get("RANK", "0")) == 0 and result.losses:
+        print(f"moekit train: steps {result.start_step + 1}-{result.last_step}, loss {result.losses[result.last_step]:.4f}, "
+              f"log {result.log_path}")
+    return 0
+
+
+def exit_now(code: int) -> None:
+    """Exit without Python's interpreter teardown, after flushing output.
+
+    Seen on the CPU with 2 ranks: a rank that finished cleanly (process group destroyed) can still
+    abort during teardown with "terminate called without an active exception" (a C++ thread
+    destroyed while joinable), turning a good run into exit code -6. All files are closed by now.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())
