@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from moekit.cli import main
 
@@ -32,5 +33,6 @@ def test_unknown_model_is_one_line_without_traceback():
 
 
 def test_console_script_help_explains():
-    result = subprocess.run(["moekit", "--help"], capture_output=True, text=True)
+    console_script = Path(sys.executable).parent / "moekit"  # installed beside this interpreter
+    result = subprocess.run([str(console_script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "models" in result.stdout
