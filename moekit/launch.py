@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,13 @@ from moekit.errors import MoekitError
 from moekit.training_setup import TrainingSetup
 
 DEFAULT_MASTER_PORT = 29500
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it), so two runs on one machine do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 TRAIN_MODULE = "moekit.train"
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import html
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import time
@@ -26,6 +25,7 @@ from typing import IO, TYPE_CHECKING
 
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
+from moekit.launch import free_port
 from moekit.training_setup import TrainingSetup
 
 if TYPE_CHECKING:
@@ -142,13 +142,6 @@ class TrainingRun:
             tail = "\n".join(self.output.strip().splitlines()[-30:])
             raise LessonError(f"the training run failed (exit code {self.returncode}); the end of its output:\n{tail}")
         return self
-
-
-def free_port() -> int:
-    """A free TCP port on this machine, so two runs (or a test beside a notebook) do not collide."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def short_run_plan(

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +54,7 @@ import torch
 
 from moekit.data import BatchOrder, TokenizedData
 from moekit.errors import MoekitError
+from moekit.launch import free_port
 from moekit.training_setup import LoraSpec, TrainingSetup
 
 #: Learning rates for real fine-tuning; tiny lesson models learn visibly with 1e-3 (full) to 1e-2 (LoRA).
@@ -110,12 +110,6 @@ def load_setup(path: str | Path) -> TrainingSetup:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 SINGLE_RANK_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
 
 
@@ -132,10 +126,32 @@ def init_distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if "RANK" not in os.environ:
-        os.environ.update({**SINGLE_RANK_ENV, "MASTER_PORT": str(_free_port())})
+        os.environ.update({**SINGLE_RANK_ENV, "MASTER_PORT": str(free_port())})
         atexit.register(close_process_group)
     deepspeed.init_distributed(verbose=False)
+    release_shm_allreduce_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def shm_allreduce_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps this rank's shared-memory workspace (about 69 MB)."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+    return Path("/dev/shm") / name
+
+
+def release_shm_allreduce_buffer() -> None:
+    """Unlink this rank's name for DeepSpeed's CPU all-reduce workspace once every rank has mapped it.
+
+    On the CPU accelerator DeepSpeed creates one shared-memory file per rank and never unlinks it
+    (``shm.cpp`` has ``shared_close`` but nothing calls it), so every run left ~69 MB per rank in
+    ``/dev/shm``: a test suite's worth filled the RAM. The mappings stay valid after the unlink
+    (POSIX keeps the memory until the last ``munmap``), so removing the name right after the
+    barrier frees it at exit, even when a rank is killed.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank has opened every other rank's buffer by now (shm_initialize waits for them)
+    shm_allreduce_buffer_path(dist.get_rank()).unlink(missing_ok=True)  # absent on GPUs: nothing to do
 
 
 def close_process_group() -> None:

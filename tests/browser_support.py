@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from moekit.launch import free_port
 
 #: Set to 1 to skip the browser test on a machine without Chromium (a laptop); CI must not set it.
 SKIP_ENV = "MOEKIT_SKIP_BROWSER"
@@ -68,13 +69,6 @@ def missing_browser_parts() -> list[str]:
     except ImportError:
         missing.append("the Python package playwright")
     return missing
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from moekit.data import IGNORE_INDEX, BatchOrder, ByteTokenizer, DataError, load_documents, tokenize
+from moekit.launch import free_port
 from moekit.models import build_model
 from moekit.train import (
     TrainingError,
@@ -44,12 +44,6 @@ def tiny(**changes) -> TrainingSetup:
     return TrainingSetup(**{**base, **changes})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def deepspeed_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -59,9 +53,17 @@ def deepspeed_env() -> dict[str, str]:
 
 
 def run_deepspeed(target: list[str], *, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus 2 <target>` on this machine's CPU; output captured."""
-    argv = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), *target]
-    return subprocess.run(argv, env=deepspeed_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    """`deepspeed --num_gpus 2 <target>` on this machine's CPU; output captured, the port kept as ``master_port``."""
+    port = free_port()
+    argv = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), *target]
+    result = subprocess.run(argv, env=deepspeed_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result.master_port = port
+    return result
+
+
+def shm_buffers_left(result: subprocess.CompletedProcess) -> list[str]:
+    """DeepSpeed's CPU all-reduce workspaces of that run still named in /dev/shm (69 MB each)."""
+    return sorted(path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{result.master_port}_*"))
 
 
 def run_training(tmp_path: Path, name: str, setup: TrainingSetup, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
@@ -244,11 +246,13 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(ze
     tmp_path, reference = zero2_lora_reference
     killed, out = run_training(tmp_path, "killed", tiny(), *TRAIN_ARGS, "--kill-after-checkpoint", "4")
     assert killed.returncode != 0
+    assert shm_buffers_left(killed) == []  # unlinked once both ranks mapped them, so a SIGKILL leaks nothing
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000004"
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
 
     resumed, out = run_training(tmp_path, "killed", tiny(), *TRAIN_ARGS)
     assert resumed.returncode == 0, output_of(resumed)
+    assert shm_buffers_left(resumed) == []
     assert "steps 5-6" in resumed.stdout
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
@@ -313,6 +317,7 @@ def test_zero3_expert_lora_trains_built_normally_and_under_zero_init(tmp_path, t
 
 GUARD_DRIVER = '''
 import argparse
+from moekit.launch import free_port
 from moekit.errors import MoekitError
 from moekit.train import load_setup, train
 
