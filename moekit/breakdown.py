@@ -75,6 +75,7 @@ class Breakdown:
             "gpu_memory_bytes": self.gpu_memory_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
+            "notes": dict(self.notes),
         }
 
     def table(self) -> str:
@@ -89,4 +90,5 @@ class Breakdown:
             rows.append(f"{'headroom':<18}{self.headroom_bytes / GiB:>14.2f}   -> {verdict}")
         for key, value in self.per_host.items():
             rows.append(f"host {key:<13}{value / GiB:>14.2f}")
+        rows.extend(f"{key}: {note}" for key, note in self.notes.items())
         return "\n".join(rows)

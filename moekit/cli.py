@@ -27,24 +27,40 @@ from moekit.training_setup import (
 # --------------------------------------------------------------------------------------------
 
 
-def add_setup_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags that describe a TrainingSetup; defaults are the article's baseline run."""
+def add_lora_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """--model and the LoRA spec's flags (rank, alpha, dropout, targets)."""
     d = TrainingSetup()
-    g = parser.add_argument_group("training setup")
-    g.add_argument("--model", default=d.model, help="preset name or local HF folder / config.json (default: %(default)s)")
-    g.add_argument("--method", choices=METHODS, default=d.method, help="full fine-tuning, LoRA or QLoRA (default: %(default)s)")
-    g.add_argument("--r", type=int, default=d.lora.r, help="LoRA rank (default: %(default)s)")
-    g.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2*r)")
-    g.add_argument("--dropout", type=float, default=d.lora.dropout, help="LoRA dropout (default: %(default)s)")
-    g.add_argument(
+    group.add_argument("--model", default=d.model, help="preset name or local HF folder / config.json (default: %(default)s)")
+    group.add_argument("--r", type=int, default=d.lora.r, help="LoRA rank (default: %(default)s)")
+    group.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2*r)")
+    group.add_argument("--dropout", type=float, default=d.lora.dropout, help="LoRA dropout (default: %(default)s)")
+    group.add_argument(
         "--targets",
         default=",".join(d.lora.targets),
         help="comma-separated LoRA targets: groups (attention, experts, router, shared_experts, "
         "all-linear) or module/parameter names (q_proj, gate_up_proj, w1...) (default: %(default)s)",
     )
+
+
+def lora_spec_from_args(args: argparse.Namespace) -> LoraSpec:
+    """The LoraSpec the flags describe (alpha defaults to 2*r)."""
+    alpha = args.alpha if args.alpha is not None else 2 * args.r
+    return LoraSpec(r=args.r, alpha=alpha, dropout=args.dropout, targets=args.targets)
+
+
+def add_setup_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that describe a TrainingSetup; defaults are the article's baseline run."""
+    d = TrainingSetup()
+    g = parser.add_argument_group("training setup")
+    add_lora_flags(g)
+    g.add_argument("--method", choices=METHODS, default=d.method, help="full fine-tuning, LoRA or QLoRA (default: %(default)s)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="bf16/fp16 mixed precision or fp32 (default: %(default)s)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=d.zero_stage, help="DeepSpeed ZeRO stage (default: %(default)s)")
-    g.add_argument("--offload", choices=OFFLOADS, default=d.offload, help="what ZeRO offloads to the CPU (default: %(default)s)")
+    g.add_argument("--offload", choices=OFFLOADS, default=d.offload, help="what ZeRO offloads (default: %(default)s)")
+    g.add_argument(
+        "--offload-device", choices=("cpu", "nvme"), default=d.offload_device, help="where --offload goes (default: %(default)s)"
+    )
+    g.add_argument("--nvme-path", default=None, help="folder on a fast local disk, for --offload-device nvme")
     g.add_argument("--gpus", type=int, default=d.gpus_per_node, help="GPUs per node (default: %(default)s)")
     g.add_argument("--nodes", type=int, default=d.num_nodes, help="number of nodes (default: %(default)s)")
     g.add_argument("--gpu-mem", type=float, default=d.gpu_memory_gb, help="memory per GPU in GB as sold, e.g. 40 (default: %(default)s)")
@@ -59,14 +75,15 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
 
 def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
     """Build (and so validate) the TrainingSetup the flags describe."""
-    alpha = args.alpha if args.alpha is not None else 2 * args.r
     return TrainingSetup(
         model=args.model,
         method=args.method,
-        lora=LoraSpec(r=args.r, alpha=alpha, dropout=args.dropout, targets=args.targets),
+        lora=lora_spec_from_args(args),
         precision=args.precision,
         zero_stage=args.zero,
         offload=args.offload,
+        offload_device=args.offload_device,
+        nvme_path=args.nvme_path,
         gpus_per_node=args.gpus,
         num_nodes=args.nodes,
         gpu_memory_gb=args.gpu_mem,
@@ -167,17 +184,7 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
         "w1/w2/w3) against the model's transformers-5 layout, and count the adapter parameters per group "
         "exactly as peft would, from shapes alone.",
     )
-    d = LoraSpec()
-    p.add_argument("--model", default=TrainingSetup().model, help="preset name or local HF folder / config.json (default: %(default)s)")
-    p.add_argument("--r", type=int, default=d.r, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2*r)")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout (default: %(default)s)")
-    p.add_argument(
-        "--targets",
-        default=",".join(d.targets),
-        help="comma-separated groups (attention, experts, router, shared_experts, all-linear) or names "
-        "(q_proj, gate_up_proj, w1...) (default: %(default)s)",
-    )
+    add_lora_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_run_lora)
 
@@ -185,7 +192,7 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
 def _run_lora(args: argparse.Namespace) -> None:
     from moekit.lora import lora_census, resolve_targets
 
-    spec = LoraSpec(r=args.r, alpha=args.alpha if args.alpha is not None else 2 * args.r, dropout=args.dropout, targets=args.targets)
+    spec = lora_spec_from_args(args)
     census = lora_census(args.model, spec)
     if args.json:
         print_json(census.as_dict())
@@ -389,16 +396,6 @@ def _run_measure(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _add_offload_target_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("offload target")
-    g.add_argument("--offload-device", choices=("cpu", "nvme"), default="cpu", help="where --offload goes (default: %(default)s)")
-    g.add_argument("--nvme-path", default=None, help="folder on a fast local disk, for --offload-device nvme")
-
-
-def _setup_with_offload_target(args: argparse.Namespace) -> TrainingSetup:
-    return setup_from_args(args).replace(offload_device=args.offload_device, nvme_path=args.nvme_path)
-
-
 def _add_ds_config(sub: argparse._SubParsersAction) -> None:
     from moekit.zero import PRESETS
 
@@ -410,11 +407,10 @@ def _add_ds_config(sub: argparse._SubParsersAction) -> None:
         "--preset gives one of XTuner's five presets with its 'auto' values resolved (its stage and offload are used).",
     )
     add_setup_flags(p)
-    _add_offload_target_flags(p)
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="one of XTuner's DeepSpeed presets")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step; sets the accumulation")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
-    p.set_defaults(run=_run_ds_config)
+    p.set_defaults(run=_run_ds_config, uses_deepspeed=True)
 
 
 def _run_ds_config(args: argparse.Namespace) -> None:
@@ -422,7 +418,7 @@ def _run_ds_config(args: argparse.Namespace) -> None:
 
     from moekit.zero import setup_for_preset, validated_ds_config
 
-    setup = _setup_with_offload_target(args)
+    setup = setup_from_args(args)
     if args.preset:
         setup = setup_for_preset(setup, args.preset)
     config = validated_ds_config(setup, args.preset, global_batch=args.global_batch)
@@ -451,18 +447,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "error if a group of weights meant to train does not move.",
     )
     add_setup_flags(p)
-    _add_offload_target_flags(p)
     _add_run_flags(p, "--output-dir")
     p.add_argument("--no-resume", action="store_true", help="start from step 0 even if a checkpoint exists")
     p.add_argument("--check-frozen", action="store_true", help="also check that frozen weights did not change")
-    p.set_defaults(run=_run_train)
+    p.set_defaults(run=_run_train, uses_deepspeed=True)
 
 
 def _run_train(args: argparse.Namespace) -> None:
     from moekit.train import train
 
     result = train(
-        _setup_with_offload_target(args), args.data, steps=args.steps, output_dir=args.output_dir, save_every=args.save_every,
+        setup_from_args(args), args.data, steps=args.steps, output_dir=args.output_dir, save_every=args.save_every,
         resume=not args.no_resume, seed=args.seed, weights=args.weights, lr=args.lr, check_frozen=args.check_frozen,
     )
     if result.losses:
@@ -482,7 +477,6 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
         "machine without GPUs the same command starts CPU processes.",
     )
     add_setup_flags(p)
-    _add_offload_target_flags(p)
     _add_run_flags(p, "--run-dir")
     g = p.add_argument_group("launch")
     g.add_argument("--hosts", default=None, help="comma-separated host names, one per node (default: node1, node2, ...)")
@@ -491,7 +485,7 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="what runs without --dry-run")
     g.add_argument("--dry-run", action="store_true", help="write the files and print the commands; start nothing")
     g.add_argument("--force", action="store_true", help="launch even if the estimate says it will not fit")
-    p.set_defaults(run=_run_launch)
+    p.set_defaults(run=_run_launch, uses_deepspeed=True)
 
 
 def _run_launch(args: argparse.Namespace) -> None:
@@ -500,7 +494,7 @@ def _run_launch(args: argparse.Namespace) -> None:
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
     train_args = TrainArgs(steps=args.steps, save_every=args.save_every, data=args.data, weights=args.weights, lr=args.lr, seed=args.seed)
     plan = launch(
-        _setup_with_offload_target(args), run_dir=args.run_dir, hosts=hosts, master_addr=args.master_addr,
+        setup_from_args(args), run_dir=args.run_dir, hosts=hosts, master_addr=args.master_addr,
         master_port=args.master_port, train_args=train_args,
     )
     if args.dry_run:
@@ -544,8 +538,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def import_deepspeed_logging_to_stderr() -> None:
+    """Import DeepSpeed with its logger writing to stderr, so ``moekit ds-config > ds.json`` stays valid JSON.
+
+    DeepSpeed's logger writes to stdout, and importing it already logs (e.g. "Setting accelerator to CPU").
+    """
+    import contextlib
+
+    if "deepspeed" in sys.modules:
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # its logger's handler binds to the stream it sees now
+        import deepspeed  # noqa: F401
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "uses_deepspeed", False):
+        import_deepspeed_logging_to_stderr()
     try:
         args.run(args)
     except MoekitError as err:

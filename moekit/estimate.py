@@ -430,13 +430,27 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         "buffers": buffers,
         "overhead": overhead_bytes(allocated),
     }
+    per_host, notes = host_or_nvme(setup, states.host_bytes)
     return Breakdown(
         source="estimate",
         per_gpu=per_gpu,
-        per_host=dict(states.host_bytes),
+        per_host=per_host,
         total_bytes=allocated + per_gpu["overhead"],
         gpu_memory_bytes=setup.gpu_memory_bytes,
+        notes=notes,
     )
+
+
+def host_or_nvme(setup: TrainingSetup, offloaded_bytes: dict[str, int]) -> tuple[dict[str, int], dict[str, str]]:
+    """Where the offloaded states live: host RAM for CPU offload; for NVMe offload (ZeRO-Infinity) they are
+    files under nvme_path, named in a note, and the host keeps only DeepSpeed's pinned swap buffers
+    (a few hundred MB, not modelled)."""
+    if setup.offload_device != "nvme" or not offloaded_bytes:
+        return dict(offloaded_bytes), {}
+    on_disk_bytes = sum(offloaded_bytes.values())
+    note = (f"{on_disk_bytes / 2**30:.1f} GiB per node ({', '.join(sorted(offloaded_bytes))}) on NVMe under {setup.nvme_path}; "
+            "host RAM holds DeepSpeed's pinned swap buffers only (not modelled)")
+    return {}, {"nvme": note}
 
 
 def sweep(setup: TrainingSetup, **knob_values) -> list[Breakdown]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -128,13 +129,20 @@ def inventory_of_module(model: torch.nn.Module) -> ModelInventory:
             counts[key] = counts.get(key, 0) + 1
         elif not isinstance(module, torch.nn.Embedding):
             for param_name, param in module.named_parameters(prefix=name, recurse=False):
-                if param.dim() in (2, 3):
-                    key = (_relative_name(param_name), "param", tuple(param.shape))
+                shape = logical_shape(param)
+                if len(shape) in (2, 3):
+                    key = (_relative_name(param_name), "param", shape)
                     counts[key] = counts.get(key, 0) + 1
     shapes = tuple(TargetShape(name, kind, dims, count) for (name, kind, dims), count in counts.items())
     config = getattr(model, "config", None)
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = sum(math.prod(logical_shape(p)) for p in model.parameters())
     return ModelInventory(getattr(config, "model_type", "unknown"), num_params, shapes, _num_bnb_quantizable_params(model))
+
+
+def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape, also under ZeRO-3, where the local tensor is an empty shard and
+    DeepSpeed keeps the real shape in ``ds_shape``."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def _num_bnb_quantizable_params(model: torch.nn.Module) -> int:
@@ -151,7 +159,7 @@ def _num_bnb_quantizable_params(model: torch.nn.Module) -> int:
         return 0
     skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or ())
     return sum(
-        module.weight.numel()
+        math.prod(logical_shape(module.weight))
         for name, module in model.named_modules()
         if type(module) is torch.nn.Linear and should_convert_module(name, skip)
     )

@@ -57,7 +57,7 @@ from typing import Literal
 
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
-from moekit.training_setup import LoraSpec, TrainingSetup
+from moekit.training_setup import TrainingSetup
 
 MiB = 2**20
 Device = Literal["auto", "cpu", "cuda"]
@@ -191,12 +191,6 @@ def _run_child(request_path: Path, result_path: Path, device: Device, timeout_s:
 def _crash_message(completed: subprocess.CompletedProcess) -> str:
     tail = "\n".join((completed.stderr or "").strip().splitlines()[-15:])
     return f"the capped step's process ended (exit code {completed.returncode}) without a verdict:\n{tail}"
-
-
-def _setup_from_dict(data: dict) -> TrainingSetup:
-    data = dict(data)
-    lora = dict(data.pop("lora"))
-    return TrainingSetup(lora=LoraSpec(**{**lora, "targets": tuple(lora["targets"])}), **data)
 
 
 def _breakdown_from_dict(data: dict) -> Breakdown:
@@ -425,7 +419,7 @@ def _child_main(request_path: str, result_path: str) -> None:
 
     request = json.loads(Path(request_path).read_text())
     verdict = _Verdict(Path(result_path))
-    setup = _setup_from_dict(request["setup"])
+    setup = TrainingSetup.from_dict(request["setup"])
     use_cuda = request["device"] == "cuda" or (request["device"] == "auto" and torch.cuda.is_available())
     if request["device"] == "cuda" and not torch.cuda.is_available():
         verdict.write({"error": "device='cuda' but torch sees no GPU here; use device='cpu' (or 'auto')."})

@@ -103,7 +103,7 @@ class TrainingSetup:
                 f"zero_stage={self.zero_stage}; use zero_stage=3 or offload='optimizer'."
             )
         if self.offload_device == "nvme" and not self.nvme_path:
-            raise SetupError("offload_device='nvme' needs nvme_path, a folder on a fast local disk.")
+            raise SetupError("offload_device='nvme' needs nvme_path (--nvme-path), a folder on a fast local disk.")
         if self.method == "qlora" and self.precision == "fp32":
             raise SetupError("QLoRA computes in 16 bits; use precision='bf16' (or 'fp16').")
         if self.method == "qlora" and self.zero_stage == 3:
@@ -154,9 +154,23 @@ class TrainingSetup:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
+        """Plain JSON-ready data; ``TrainingSetup.from_dict`` reads it back."""
         data = dataclasses.asdict(self)
         data["lora"]["targets"] = list(self.lora.targets)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingSetup:
+        """The setup ``as_dict`` wrote (missing fields take their defaults; unknown ones are an error)."""
+        data = dict(data)
+        lora = dict(data.pop("lora", None) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SetupError(f"unknown setup fields {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        if "targets" in lora:
+            lora["targets"] = tuple(lora["targets"])
+        return cls(**data, lora=LoraSpec(**lora))
 
     def describe(self) -> str:
         """A one-line summary for tables and plot titles."""

@@ -33,6 +33,10 @@ def build_controls(setup: TrainingSetup) -> dict[str, w.ValueWidget]:
     """One control per knob, starting at the setup's values (keys are TrainingSetup field names)."""
     style = {"description_width": "150px"}
     layout = w.Layout(width="420px")
+    toggle_style = {**style, "button_width": "64px"}  # narrow buttons keep a row of choices on one line
+
+    def toggles(options, value, description):
+        return w.ToggleButtons(options=options, value=value, description=description, style=toggle_style)
 
     def dropdown(options, value, description):
         return w.Dropdown(options=options, value=value, description=description, style=style, layout=layout)
@@ -46,11 +50,11 @@ def build_controls(setup: TrainingSetup) -> dict[str, w.ValueWidget]:
     targets_label = next((k for k, v in TARGET_CHOICES.items() if v == setup.lora.targets), "attention + experts")
     return {
         "model": dropdown([p for p in list_presets()], setup.model, "model"),
-        "method": w.ToggleButtons(options=["full", "lora", "qlora"], value=setup.method, description="method", style=style),
+        "method": toggles(["full", "lora", "qlora"], setup.method, "method"),
         "lora_r": slider(sorted({4, 8, 16, 32, 64, 128, setup.lora.r}), setup.lora.r, "LoRA rank r"),
         "lora_targets": dropdown(list(TARGET_CHOICES), targets_label, "LoRA targets"),
-        "precision": w.ToggleButtons(options=list(PRECISIONS), value=setup.precision, description="precision", style=style),
-        "zero_stage": w.ToggleButtons(options=[0, 1, 2, 3], value=setup.zero_stage, description="ZeRO stage", style=style),
+        "precision": toggles(list(PRECISIONS), setup.precision, "precision"),
+        "zero_stage": toggles([0, 1, 2, 3], setup.zero_stage, "ZeRO stage"),
         "offload": dropdown(list(OFFLOADS), setup.offload, "offload"),
         "gpus_per_node": integer(setup.gpus_per_node, 64, "GPUs per node"),
         "num_nodes": integer(setup.num_nodes, 256, "nodes"),
@@ -58,7 +62,9 @@ def build_controls(setup: TrainingSetup) -> dict[str, w.ValueWidget]:
         "seq_len": slider(sorted({512, 1024, 2048, 4096, 8192, 11000, 12288, 16384, 32768, setup.seq_len}), setup.seq_len, "sequence"),
         "micro_batch": slider(sorted({1, 2, 4, 8, 16, setup.micro_batch}), setup.micro_batch, "micro-batch"),
         "grad_accum": integer(setup.grad_accum, 1024, "grad accumulation"),
-        "activation_checkpointing": w.Checkbox(value=setup.activation_checkpointing, description="activation checkpointing", style=style),
+        "activation_checkpointing": w.Checkbox(
+            value=setup.activation_checkpointing, description="activation checkpointing", style=style, layout=layout
+        ),
         "attn_implementation": dropdown(list(ATTENTIONS), setup.attn_implementation, "attention"),
     }
 

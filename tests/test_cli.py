@@ -26,7 +26,7 @@ def test_models_table_is_readable(capsys):
 
 def test_unknown_model_is_one_line_without_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "moekit.cli", "models", "--model", "nope"], capture_output=True, text=True
+        [sys.executable, "-m", "moekit", "models", "--model", "nope"], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "Known presets:" in result.stderr and "Traceback" not in result.stderr
@@ -36,3 +36,20 @@ def test_console_script_help_explains():
     console_script = Path(sys.executable).parent / "moekit"  # installed beside this interpreter
     result = subprocess.run([str(console_script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "models" in result.stdout
+
+
+def test_ds_config_stdout_is_pure_json_with_the_nvme_offload_flags():
+    result = subprocess.run(
+        [sys.executable, "-m", "moekit", "ds-config", "--zero", "3", "--offload", "optimizer+params",
+         "--offload-device", "nvme", "--nvme-path", "/local/nvme"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    zero = json.loads(result.stdout)["zero_optimization"]  # DeepSpeed's own log lines went to stderr
+    assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "nvme"
+    assert zero["offload_param"]["nvme_path"] == "/local/nvme"
+
+
+def test_nvme_offload_without_a_path_says_which_flag_is_missing(capsys):
+    assert main(["estimate", "--zero", "3", "--offload", "optimizer+params", "--offload-device", "nvme"]) == 2
+    assert "needs nvme_path" in capsys.readouterr().err

@@ -140,3 +140,14 @@ def test_estimate_cli_json_has_the_documented_keys(capsys):
 def test_estimate_cli_rejects_bad_setups_in_one_line(capsys):
     assert main(["estimate", "--zero", "2", "--offload", "optimizer+params"]) == 2
     assert "offloading parameters needs ZeRO-3" in capsys.readouterr().err
+
+
+def test_nvme_offload_moves_the_offloaded_states_from_host_ram_to_disk():
+    on_cpu = TrainingSetup(zero_stage=3, offload="optimizer+params")
+    on_nvme = on_cpu.replace(offload_device="nvme", nvme_path="/local/nvme")
+    cpu_breakdown, nvme_breakdown = estimate(on_cpu), estimate(on_nvme)
+    assert nvme_breakdown.per_gpu == cpu_breakdown.per_gpu
+    assert set(cpu_breakdown.per_host) == {"optimizer_states", "gradients", "weights"} and nvme_breakdown.per_host == {}
+    on_disk_gib = sum(cpu_breakdown.per_host.values()) / 2**30
+    assert nvme_breakdown.notes["nvme"].startswith(f"{on_disk_gib:.1f} GiB per node (gradients, optimizer_states, weights) on NVMe")
+    assert "/local/nvme" in nvme_breakdown.table() and nvme_breakdown.as_dict()["notes"] == nvme_breakdown.notes

@@ -13,6 +13,7 @@ from moekit.lora import (
     QuantSpec,
     apply_lora,
     bitsandbytes_config,
+    inventory_of_module,
     lora_census,
     num_quantized_params,
     num_unquantized_params,
@@ -108,6 +109,22 @@ def test_census_accepts_a_built_model_and_a_config():
     assert from_model.num_trainable_params == lora_census("small", spec).num_trainable_params == 4 * 4 * 2 * (
         (256 + 256) + (256 + 128)
     )
+
+
+def partition_like_zero3(model: torch.nn.Module) -> torch.nn.Module:
+    """What deepspeed.zero.Init leaves on a rank: empty local tensors, the real shape in ds_shape / ds_numel."""
+    for param in model.parameters():
+        param.ds_shape, param.ds_numel = param.shape, param.numel()
+        param.data = torch.empty(0, dtype=param.dtype)
+    return model
+
+
+def test_inventory_reads_zero3_partitioned_weights_by_their_full_shape():
+    whole = inventory_of_module(build_model("tiny", "cpu"))
+    partitioned = inventory_of_module(partition_like_zero3(build_model("tiny", "cpu")))
+    assert partitioned == whole
+    assert partitioned.num_params == parameter_census("tiny").num_params == 287_552
+    assert any(shape.name.endswith("gate_up_proj") for shape in partitioned.shapes)
 
 
 def test_census_equals_peft_when_layers_differ():

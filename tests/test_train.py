@@ -17,20 +17,10 @@ import pytest
 import torch
 
 from moekit.data import IGNORE_INDEX, BatchOrder, ByteTokenizer, DataError, load_documents, tokenize
+from moekit.guard import TrainingGuard, TrainingGuardError, _moved, fingerprint, param_groups
 from moekit.launch import free_port
 from moekit.models import build_model
-from moekit.train import (
-    TrainingError,
-    TrainingGuard,
-    TrainingGuardError,
-    _moved,
-    fingerprint,
-    param_groups,
-    read_log,
-    save_setup,
-    setup_from_dict,
-    train,
-)
+from moekit.train import TrainingError, read_log, save_setup, train
 from moekit.training_setup import TrainingSetup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +144,7 @@ def test_jsonl_without_text_is_a_clear_error(tmp_path):
 
 def test_setup_round_trips_through_json(tmp_path):
     setup = tiny(offload="optimizer").replace(lora_r=4, lora_targets=("attention",))
-    assert setup_from_dict(json.loads(save_setup(setup, tmp_path / "s.json").read_text())) == setup
+    assert TrainingSetup.from_dict(json.loads(save_setup(setup, tmp_path / "s.json").read_text())) == setup
 
 
 def test_lora_groups_name_each_fused_expert_tensor_and_the_frozen_base():

@@ -62,3 +62,11 @@ def test_as_dict_round_trips():
     data = setup.as_dict()
     data["lora"] = LoraSpec(**data["lora"])
     assert TrainingSetup(**data) == setup
+
+
+def test_from_dict_reads_back_as_dict_and_names_unknown_fields():
+    setup = TrainingSetup(method="lora", lora=LoraSpec(r=8, alpha=32, targets=("attention", "experts")), zero_stage=3, seq_len=4096)
+    assert TrainingSetup.from_dict(setup.as_dict()) == setup
+    assert TrainingSetup.from_dict({"zero_stage": 1}) == TrainingSetup(zero_stage=1)
+    with pytest.raises(SetupError, match=r"unknown setup fields seq_length; known: .*seq_len"):
+        TrainingSetup.from_dict({"seq_length": 4096})

@@ -1,0 +1,5 @@
+"""`python -m moekit ...` is the `moekit` command."""
+
+from moekit.cli import main
+
+raise SystemExit(main())
