@@ -319,13 +319,18 @@ def ladder(
     *,
     min_seq_len: int | None = None,
     stop_when_fits: bool = True,
+    estimator: Callable[[TrainingSetup], Breakdown] = estimate,
 ) -> list[Rung]:
-    """Apply one mitigation at a time (cumulatively) from the baseline until the estimate fits."""
+    """Apply one mitigation at a time (cumulatively) from the baseline until the estimate fits.
+
+    estimator: what judges each rung; a toy ladder on the CPU passes ``lambda s: without_overhead(estimate(s))``
+    (``moekit.lessons``), since a CPU has no CUDA context or allocator reserve.
+    """
     available = mitigations(min_seq_len)
     unknown = [name for name in order if name not in available]
     if unknown:
         raise MoekitError(f"unknown mitigations {unknown}; choose from {', '.join(available)}.")
-    previous = estimate(baseline)
+    previous = estimator(baseline)
     rungs = [Rung("baseline", baseline.describe(), baseline, previous, 0)]
     setup = baseline
     for name in order:
@@ -337,7 +342,7 @@ def ladder(
             changed = None
         if changed is None:
             continue
-        result = estimate(changed)
+        result = estimator(changed)
         rungs.append(Rung(name, available[name].description, changed, result, previous.total_bytes - result.total_bytes))
         setup, previous = changed, result
     return rungs

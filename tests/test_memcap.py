@@ -9,12 +9,18 @@ import re
 
 import pytest
 
+from moekit.estimate import estimate
+from moekit.lessons import without_overhead
 from moekit.memcap import CappedResult, MemcapError, OutOfMemoryBudget, requested_bytes, run_capped
+from moekit.plan import ladder
 from moekit.training_setup import TrainingSetup
 
 MiB = 2**20
 BUDGET_BYTES = 900 * MiB
-BASELINE = TrainingSetup(model="small", method="full", seq_len=4096, gpus_per_node=1, zero_stage=0, activation_checkpointing=False)
+BASELINE = TrainingSetup(
+    model="small", method="full", seq_len=4096, gpus_per_node=1, zero_stage=0, activation_checkpointing=False,
+    gpu_memory_gb=BUDGET_BYTES / 2**30,  # the "card" is the budget
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,13 @@ def test_failed_result_raises_for_the_learner(failed):
         failed.raise_if_failed()
 
 
-def test_checkpointing_makes_the_same_step_pass_under_the_same_cap(failed):
-    mitigated = run_capped(BASELINE.replace(activation_checkpointing=True), BUDGET_BYTES, device="cpu", timeout_s=300)
+@pytest.fixture(scope="module")
+def checkpointed() -> CappedResult:
+    return run_capped(BASELINE.replace(activation_checkpointing=True), BUDGET_BYTES, device="cpu", timeout_s=300)
+
+
+def test_checkpointing_makes_the_same_step_pass_under_the_same_cap(failed, checkpointed):
+    mitigated = checkpointed
     assert mitigated.passed and mitigated.error is None
     assert BUDGET_BYTES // 2 < mitigated.peak_bytes <= BUDGET_BYTES
     assert mitigated.baseline_bytes > 100 * MiB  # Python, torch and transformers are not charged to the budget
@@ -75,3 +86,13 @@ def test_requested_bytes_reads_torch_cuda_oom_messages():
     assert requested_bytes(message) == int(2.5 * 2**30)
     assert requested_bytes("Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity)") == 20 * MiB
     assert requested_bytes("something else") == 0
+
+
+@pytest.mark.parametrize("order", [("checkpointing",), ("lora",)])
+def test_the_planners_ladder_on_a_toy_agrees_with_capped_steps(order, failed, checkpointed):
+    """Each rung's verdict (the estimate without the CUDA context a CPU lacks) is what the capped step does."""
+    rungs = ladder(BASELINE, order, estimator=lambda setup: without_overhead(estimate(setup)))
+    assert [(rung.change, rung.fits) for rung in rungs] == [("baseline", False), (order[0], True)]
+    assert not failed.passed and rungs[0].setup == failed.setup
+    mitigated = checkpointed if order == ("checkpointing",) else run_capped(rungs[1].setup, BUDGET_BYTES, device="cpu", timeout_s=300)
+    assert mitigated.setup == rungs[1].setup and mitigated.passed, mitigated.summary()
