@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from moekit.errors import MoekitError
+from moekit.models import component_of, logical_numel
 from moekit.training_setup import TrainingSetup
 
 #: Values sampled per tensor for the fingerprint, besides its sum, sum of |x| and sum of x**2.
@@ -48,8 +49,6 @@ def _strip_peft(name: str) -> str:
 
 
 def _lora_target_label(module_path: str, parameter_name: str | None) -> str:
-    from moekit.models import component_of
-
     path = _strip_peft(module_path)
     component = component_of(f"{path}.{parameter_name or 'weight'}")
     if parameter_name and parameter_name != "weight":
@@ -58,8 +57,6 @@ def _lora_target_label(module_path: str, parameter_name: str | None) -> str:
 
 
 def _base_label(name: str) -> str:
-    from moekit.models import component_of
-
     name = _strip_peft(name)
     component = component_of(name)
     if component == "experts":
@@ -92,12 +89,8 @@ def param_groups(model: torch.nn.Module, setup: TrainingSetup) -> list[ParamGrou
             label = f"frozen {label}"
         key = (label, trainable)
         members.setdefault(key, []).append(name)
-        sizes[key] = sizes.get(key, 0) + _numel(param)
+        sizes[key] = sizes.get(key, 0) + logical_numel(param)
     return [ParamGroup(label, tuple(names), trainable, sizes[(label, trainable)]) for (label, trainable), names in members.items()]
-
-
-def _numel(param: torch.Tensor) -> int:
-    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def lora_components(setup: TrainingSetup) -> set[str]:

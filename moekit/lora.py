@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 from transformers import PretrainedConfig
 
 from moekit.errors import MoekitError
-from moekit.models import as_config, build_model, component_of
+from moekit.models import as_config, build_model, component_of, logical_numel, logical_shape
 from moekit.training_setup import LoraSpec
 
 #: The groups a LoraSpec may name, besides raw module / parameter names.
@@ -135,14 +134,8 @@ def inventory_of_module(model: torch.nn.Module) -> ModelInventory:
                     counts[key] = counts.get(key, 0) + 1
     shapes = tuple(TargetShape(name, kind, dims, count) for (name, kind, dims), count in counts.items())
     config = getattr(model, "config", None)
-    num_params = sum(math.prod(logical_shape(p)) for p in model.parameters())
+    num_params = sum(logical_numel(p) for p in model.parameters())
     return ModelInventory(getattr(config, "model_type", "unknown"), num_params, shapes, _num_bnb_quantizable_params(model))
-
-
-def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
-    """A parameter's full shape, also under ZeRO-3, where the local tensor is an empty shard and
-    DeepSpeed keeps the real shape in ``ds_shape``."""
-    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def _num_bnb_quantizable_params(model: torch.nn.Module) -> int:
@@ -159,7 +152,7 @@ def _num_bnb_quantizable_params(model: torch.nn.Module) -> int:
         return 0
     skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or ())
     return sum(
-        math.prod(logical_shape(module.weight))
+        logical_numel(module.weight)
         for name, module in model.named_modules()
         if type(module) is torch.nn.Linear and should_convert_module(name, skip)
     )

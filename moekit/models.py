@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -234,6 +235,17 @@ def load_pretrained(
 # --------------------------------------------------------------------------------------------
 # Parameter census
 # --------------------------------------------------------------------------------------------
+
+
+def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape, also under ZeRO-3, where the local tensor is an empty shard and
+    DeepSpeed keeps the real shape in ``ds_shape``."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """A parameter's full element count, also under ZeRO-3 (see ``logical_shape``)."""
+    return math.prod(logical_shape(param))
 
 
 def component_of(param_name: str) -> str:

@@ -133,12 +133,15 @@ def release_shm_allreduce_buffer() -> None:
     (``shm.cpp`` has ``shared_close`` but nothing calls it), so every run left ~69 MB per rank in
     ``/dev/shm``: a test suite's worth filled the RAM. The mappings stay valid after the unlink
     (POSIX keeps the memory until the last ``munmap``), so removing the name right after the
-    barrier frees it at exit, even when a rank is killed.
+    barrier frees it at exit, even when a rank is killed. GPUs (NCCL) have no such buffer: nothing to do.
     """
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != "cpu":
+        return
     dist.barrier()  # every rank has opened every other rank's buffer by now (shm_initialize waits for them)
-    shm_allreduce_buffer_path(dist.get_rank()).unlink(missing_ok=True)  # absent on GPUs: nothing to do
+    shm_allreduce_buffer_path(dist.get_rank()).unlink(missing_ok=True)  # absent without DeepSpeed's shm op
 
 
 def close_process_group() -> None:

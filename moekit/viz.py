@@ -40,6 +40,17 @@ def _gib(num_bytes: float) -> float:
     return num_bytes / GiB
 
 
+def _add_gpu_memory_line(fig: go.Figure, gpu_memory_bytes: int) -> None:
+    """The card's capacity as a dashed red line, the one every memory chart draws."""
+    fig.add_hline(
+        y=_gib(gpu_memory_bytes),
+        line_dash="dash",
+        line_color="red",
+        annotation_text=f"GPU memory {_gib(gpu_memory_bytes):.1f} GiB",
+        annotation_position="top left",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Breakdowns: estimate vs simulate vs measure, as stacked bars
 # --------------------------------------------------------------------------------------------
@@ -121,13 +132,7 @@ def breakdown_figure(
     )
     line_bytes = gpu_memory_bytes if gpu_memory_bytes is not None else _common_gpu_memory([b for _, b in pairs])
     if line_bytes is not None:
-        fig.add_hline(
-            y=_gib(line_bytes),
-            line_dash="dash",
-            line_color="red",
-            annotation_text=f"GPU memory {_gib(line_bytes):.1f} GiB",
-            annotation_position="top left",
-        )
+        _add_gpu_memory_line(fig, line_bytes)
     fig.update_layout(barmode="stack", title=title, yaxis_title="GiB per GPU", legend_traceorder="normal")
     return fig
 
@@ -166,13 +171,7 @@ def monitor_figure(samples: Sequence[MemorySample], *, title: str = "Memory in u
         if points[-1].kind == "gpu":
             capacities.add(points[-1].total_bytes)
     for total_bytes in sorted(capacities):
-        fig.add_hline(
-            y=_gib(total_bytes),
-            line_dash="dash",
-            line_color="red",
-            annotation_text=f"GPU memory {_gib(total_bytes):.1f} GiB",
-            annotation_position="top left",
-        )
+        _add_gpu_memory_line(fig, total_bytes)
     fig.update_layout(title=title, xaxis_title="seconds", yaxis_title="GiB", yaxis_rangemode="tozero")
     return fig
 
