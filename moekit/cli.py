@@ -294,6 +294,9 @@ def _run_plan(args: argparse.Namespace) -> None:
     from moekit.plan import as_json, constraints_from_setup, ladder, plan
 
     setup = setup_from_args(args)
+    unknown = sorted({kind for kind, _ in args.export} - {"hf", "accelerate"})
+    if unknown:
+        raise MoekitError(f"unknown --export kind {', '.join(unknown)}; use 'hf DIR' or 'accelerate FILE'.")
     overrides = {"min_seq_len": args.min_seq, "methods": tuple(args.methods.split(","))}
     if args.global_batch:
         overrides["global_batch"] = args.global_batch
@@ -325,10 +328,6 @@ def _export_plan(result, exports: list[list[str]]) -> list[str]:
     """Write the best fitting setup as each ``--export KIND PATH`` asks; one line per file written."""
     if not exports:
         return []
-    kinds = {"hf", "accelerate"}
-    unknown = sorted({kind for kind, _ in exports} - kinds)
-    if unknown:
-        raise MoekitError(f"unknown --export kind {', '.join(unknown)}; use 'hf DIR' or 'accelerate FILE'.")
     if result.best is None:
         raise MoekitError(f"nothing to export: {result.verdict()}")
     from moekit.export import export_accelerate, export_hf

@@ -141,8 +141,11 @@ def device_memory_gb(args) -> float:
 
 
 def local_world_size(args) -> int:
-    """Ranks on this node: LOCAL_WORLD_SIZE (torchrun, accelerate) or LOCAL_SIZE (deepspeed), else all of them."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or args.world_size)
+    """Ranks on this node: LOCAL_SIZE (the deepspeed launcher) or LOCAL_WORLD_SIZE (torchrun), else all of them.
+
+    LOCAL_SIZE first: on CPU ranks accelerate rewrites LOCAL_WORLD_SIZE, to 1 when the launcher did not set it.
+    """
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or args.world_size)
 
 
 def setup_from_trainer(

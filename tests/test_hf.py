@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import LORA_GROUPS, run_deepspeed, shm_buffers_left
 
 from moekit.estimate import estimate, num_trainable_params
 from moekit.hf import HfSetupError, MemoryCallback, example_trainer, read_trainer_logs
 from moekit.lessons import without_overhead
 from moekit.training_setup import TrainingSetup
-from test_train import LORA_GROUPS, run_deepspeed, shm_buffers_left
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +80,60 @@ def test_a_run_that_does_not_fit_is_stopped_before_its_first_step(tmp_path):
     assert "ladder" in str(err.value) and "Planner:" in str(err.value)
     assert trainer.state.global_step == 0
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Exported plans load back into TrainingArguments, TRL, peft and accelerate as written
+# --------------------------------------------------------------------------------------------
+
+
+def test_exported_hf_files_load_into_training_arguments_sft_config_and_peft(tmp_path, monkeypatch):
+    import transformers.training_args
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    from moekit.export import export_hf
+    from moekit.lora import peft_config
+    from moekit.train import load_setup
+
+    # bf16 arguments are checked against this machine's GPU; the file is meant for one that has bf16.
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    setup = TrainingSetup(model="tiny", zero_stage=3, offload="optimizer", gpus_per_node=2, seq_len=64, micro_batch=2,
+                          grad_accum=3, activation_checkpointing=True)
+    files = export_hf(setup, tmp_path / "hf export")
+    args = TrainingArguments(**json.loads(files["training_args"].read_text()))
+    assert args.hf_deepspeed_config.mismatches == []
+    resolved = args.hf_deepspeed_config.config  # the "auto" values as transformers filled them from the arguments
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"]) == (2, 3)
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
+    assert resolved["zero_optimization"]["stage"] == 3
+    assert resolved["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert resolved["optimizer"]["params"]["lr"] == args.learning_rate == 2e-4
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    sft = SFTConfig(**json.loads(files["sft_config"].read_text()))
+    assert (sft.max_length, sft.packing, sft.per_device_train_batch_size) == (64, True, 2)
+    lora = LoraConfig.from_pretrained(str(files["lora"].parent))
+    assert lora.to_dict() == peft_config(setup.lora, "tiny").to_dict()
+    assert load_setup(files["setup"]) == setup
+
+
+def test_plan_exports_the_best_setup_as_an_accelerate_config_accelerate_reads(tmp_path, capsys):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from moekit.cli import main
+    from moekit.train import load_setup
+
+    hf_dir, yaml_path = tmp_path / "hf", tmp_path / "acc.yaml"
+    argv = ["plan", "--model", "tiny", "--gpus", "2", "--gpu-mem", "4", "--seq", "64", "--methods", "lora", "--top", "1",
+            "--export", "hf", str(hf_dir), "--export", "accelerate", str(yaml_path)]
+    assert main(argv) == 0
+    assert "exported: tiny lora" in capsys.readouterr().out
+    best = load_setup(hf_dir / "setup.json")
+    config = load_config_from_file(str(yaml_path))
+    assert (config.distributed_type, config.num_processes, config.mixed_precision) == ("DEEPSPEED", 2, best.precision)
+    ds_path = Path(config.deepspeed_config["deepspeed_config_file"])
+    assert ds_path == tmp_path / "acc.ds_config.json"
+    assert json.loads(ds_path.read_text())["zero_optimization"]["stage"] == best.zero_stage
+    assert main(["plan", "--model", "tiny", "--export", "pdf", str(tmp_path)]) == 2
+    assert "unknown --export kind pdf" in capsys.readouterr().err
