@@ -253,6 +253,10 @@ def max_over_ranks(values: dict[str, int], device: torch.device) -> dict[str, in
     return {key: int(v) for key, v in zip(values, tensor.cpu().tolist())}
 
 
+#: Readings a log reports at their maximum since the previous log (the others: the latest value).
+MAX_SINCE_LOG = ("memory_peak_allocated_bytes", "memory_peak_reserved_bytes", "memory_rss_bytes")
+
+
 def peak_key(device: torch.device) -> str:
     """The reading compared with the estimate: reserved memory's peak on CUDA, resident memory on the CPU."""
     return "memory_peak_reserved_bytes" if device.type == "cuda" else "memory_rss_bytes"
@@ -357,7 +361,10 @@ class MemoryCallback(TrainerCallback):
             if self.stop_if_not_fit:
                 raise HfSetupError(f"stopped before the first step: {message}")
             warnings.warn(f"moekit: {message}", stacklevel=2)
-        if self.use_guard:
+        if self.use_guard and setup.precision == "fp16" and self._optimizer() is None:
+            warnings.warn("moekit: the training guard is off: under fp16 it must see the optimizer to skip the steps "
+                          "that overflowed; add the callback with moekit.hf.watch(trainer).", stacklevel=2)
+        elif self.use_guard:
             from moekit.guard import TrainingGuard, check_lora_coverage, lora_components, param_groups
 
             groups = param_groups(model, setup)
@@ -371,7 +378,8 @@ class MemoryCallback(TrainerCallback):
         key = peak_key(self._device)
         if reading.get(key, 0) >= self.report.peak_bytes:
             self.report.peak_bytes, self.report.peak_kind = reading[key], key
-        self._pending = {k: max(v, self._pending.get(k, 0)) if "peak" in k or "rss" in k else v for k, v in reading.items()}
+        # Between two logs (logging_steps > 1) a log shows the latest reading, peaks and RSS at their maximum.
+        self._pending = {k: max(v, self._pending.get(k, 0)) if k in MAX_SINCE_LOG else v for k, v in reading.items()}
         skipped = bool(getattr(self._optimizer(), "step_was_skipped", False))  # fp16 overflow: nothing moved
         self._stepped_since_check = self._stepped_since_check or not skipped
         if self._guard is not None and self._stepped_since_check and not self.report.guard:

@@ -135,5 +135,11 @@ def test_plan_exports_the_best_setup_as_an_accelerate_config_accelerate_reads(tm
     ds_path = Path(config.deepspeed_config["deepspeed_config_file"])
     assert ds_path == tmp_path / "acc.ds_config.json"
     assert json.loads(ds_path.read_text())["zero_optimization"]["stage"] == best.zero_stage
+    # What `accelerate launch --config_file acc.yaml ...` makes of it, through accelerate's own argument checks.
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    launch_args = launch_command_parser().parse_args(["--config_file", str(yaml_path), "--module", "moekit.train"])
+    launch_args = _validate_launch_command(launch_args)[0]
+    assert (launch_args.use_deepspeed, launch_args.num_processes, launch_args.deepspeed_config_file) == (True, 2, str(ds_path))
     assert main(["plan", "--model", "tiny", "--export", "pdf", str(tmp_path)]) == 2
     assert "unknown --export kind pdf" in capsys.readouterr().err
