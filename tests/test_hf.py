@@ -143,3 +143,16 @@ def test_plan_exports_the_best_setup_as_an_accelerate_config_accelerate_reads(tm
     assert (launch_args.use_deepspeed, launch_args.num_processes, launch_args.deepspeed_config_file) == (True, 2, str(ds_path))
     assert main(["plan", "--model", "tiny", "--export", "pdf", str(tmp_path)]) == 2
     assert "unknown --export kind pdf" in capsys.readouterr().err
+
+
+def test_a_model_config_that_is_no_preset_is_estimated_from_a_config_file_moekit_writes():
+    from moekit.hf import model_name_for
+    from moekit.models import as_config, load_config, parameter_census
+
+    assert model_name_for(as_config("tiny")) == "tiny"
+    config = as_config("tiny")
+    config.name_or_path, config.num_hidden_layers = "", 3  # built in memory, e.g. from_config with changes
+    path = model_name_for(config)
+    assert Path(path).is_file() and model_name_for(config) == path  # one file per content
+    assert load_config(path).num_hidden_layers == 3
+    assert parameter_census(path).num_params > parameter_census("tiny").num_params
