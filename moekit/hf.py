@@ -298,7 +298,8 @@ class MemoryCallbackReport:
         if self.peak_kind == "memory_rss_bytes" and self.baseline:
             grown = self.peak_bytes - self.baseline.get("memory_rss_bytes", 0)
             text += (
-                f" (resident memory includes the Python/torch runtime and what was built before training: "
+                f" (resident memory counts the Python/torch runtime and what was built before training, and not the "
+                f"untouched pages of torch.empty buffers, docs/hf.md: "
                 f"{self.baseline['memory_rss_bytes'] / GiB:.3f} GiB at train begin, +{grown / GiB:.3f} GiB during training)"
             )
         return text
