@@ -282,6 +282,11 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--order", default=",".join(ARTICLE_ORDER), help="ladder order, comma-separated (default: the article's)")
     g.add_argument("--top", type=int, default=5, help="how many fitting setups to print (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument(
+        "--export", nargs=2, action="append", metavar=("KIND", "PATH"), default=[],
+        help="write the best setup that fits for where you train: 'hf DIR' (TrainingArguments and SFTConfig JSON, "
+        "DeepSpeed config, LoraConfig) or 'accelerate FILE' (accelerate config YAML + DeepSpeed config); repeatable",
+    )
     p.set_defaults(run=_run_plan)
 
 
@@ -289,6 +294,9 @@ def _run_plan(args: argparse.Namespace) -> None:
     from moekit.plan import as_json, constraints_from_setup, ladder, plan
 
     setup = setup_from_args(args)
+    unknown = sorted({kind for kind, _ in args.export} - {"hf", "accelerate"})
+    if unknown:
+        raise MoekitError(f"unknown --export kind {', '.join(unknown)}; use 'hf DIR' or 'accelerate FILE'.")
     overrides = {"min_seq_len": args.min_seq, "methods": tuple(args.methods.split(","))}
     if args.global_batch:
         overrides["global_batch"] = args.global_batch
@@ -296,8 +304,10 @@ def _run_plan(args: argparse.Namespace) -> None:
         overrides["offloads"] = ("none",)
     result = plan(constraints_from_setup(setup, **overrides), top=args.top)
     rungs = ladder(setup, [name for name in args.order.split(",") if name], min_seq_len=args.min_seq)
+    exported = _export_plan(result, args.export)
     if args.json:
         print_json(as_json(result, rungs))
+        print("\n".join(exported), file=sys.stderr) if exported else None
         return
     print(result.verdict())
     if result.fits:
@@ -310,6 +320,24 @@ def _run_plan(args: argparse.Namespace) -> None:
             f"{rung.change:<20}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.1f}"
             f"  {'yes ' if rung.fits else 'no  '}  {rung.description}"
         )
+    for line in exported:
+        print(line)
+
+
+def _export_plan(result, exports: list[list[str]]) -> list[str]:
+    """Write the best fitting setup as each ``--export KIND PATH`` asks; one line per file written."""
+    if not exports:
+        return []
+    if result.best is None:
+        raise MoekitError(f"nothing to export: {result.verdict()}")
+    from moekit.export import export_accelerate, export_hf
+
+    setup = result.best.setup
+    lines = [f"\nexported: {setup.describe()}"]
+    for kind, path in exports:
+        files = export_hf(setup, path) if kind == "hf" else export_accelerate(setup, path)
+        lines += [f"  {name:<14}{file}" for name, file in files.items()]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The exact command line for a run: ``deepspeed`` on one node, a hostfile for several, and ``torchrun``.
+"""The exact command line for a run: ``deepspeed`` on one node, a hostfile for several, ``torchrun``, and
+``accelerate launch``.
 
 ``launch(setup)`` writes nothing and runs nothing: it returns a ``LaunchPlan`` holding the files a run
-needs (the setup, the DeepSpeed config, a hostfile for several nodes) and every command as an
+needs (the setup, the DeepSpeed config, accelerate's config, a hostfile for several nodes) and every command as an
 argument list. ``plan.write()`` writes the files; ``plan.commands()`` gives the shell lines, each
 argument quoted with ``shlex`` so paths with spaces survive copy and paste; ``run_plan(plan)`` writes
 the files and runs the DeepSpeed command after a last check that ``moekit.estimate`` says the setup
@@ -78,7 +79,8 @@ class LaunchPlan:
     files: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.files = {"setup": self.run_dir / "setup.json", "ds_config": self.run_dir / "ds_config.json"}
+        self.files = {"setup": self.run_dir / "setup.json", "ds_config": self.run_dir / "ds_config.json",
+                      "accelerate": self.run_dir / "accelerate.yaml"}
         if self.multi_node:
             self.files["hostfile"] = self.run_dir / "hostfile"
 
@@ -116,13 +118,22 @@ class LaunchPlan:
             for node in range(self.setup.num_nodes)
         ]
 
+    def accelerate_argvs(self) -> list[list[str]]:
+        """``accelerate launch`` with the run's accelerate.yaml: one command, or one per node (with --machine_rank)."""
+        from moekit.export import accelerate_argv
+
+        script = ["--module", TRAIN_MODULE, *self.script_argv()]
+        ranks = range(self.setup.num_nodes) if self.multi_node else [None]
+        return [accelerate_argv(self.files["accelerate"], script, machine_rank=rank) for rank in ranks]
+
     def hostfile_text(self) -> str:
         """DeepSpeed's hostfile: one ``host slots=N`` line per node."""
         return "".join(f"{host} slots={self.setup.gpus_per_node}\n" for host in self.hosts)
 
     def commands(self) -> dict[str, list[str]]:
         """Shell lines, every argument quoted: {'deepspeed': [line], 'torchrun': [line per node]}."""
-        return {"deepspeed": [shlex.join(self.deepspeed_argv())], "torchrun": [shlex.join(a) for a in self.torchrun_argvs()]}
+        return {"deepspeed": [shlex.join(self.deepspeed_argv())], "torchrun": [shlex.join(a) for a in self.torchrun_argvs()],
+                "accelerate": [shlex.join(a) for a in self.accelerate_argvs()]}
 
     def write(self) -> dict[str, Path]:
         """Write the setup, the DeepSpeed config and (several nodes) the hostfile into run_dir."""
@@ -133,6 +144,10 @@ class LaunchPlan:
         self.files["ds_config"].write_text(json.dumps(self.ds_config, indent=2) + "\n")
         if self.multi_node:
             self.files["hostfile"].write_text(self.hostfile_text())
+        from moekit.export import accelerate_config
+
+        accelerate_config(self.setup, self.files["ds_config"], main_process_ip=self.master_addr,
+                          main_process_port=self.master_port).to_yaml_file(str(self.files["accelerate"]))
         return dict(self.files)
 
     def describe(self) -> str:
@@ -148,6 +163,8 @@ class LaunchPlan:
         lines += self.commands()["deepspeed"]
         lines.append("# or torchrun" + (", one command on each node:" if self.multi_node else ":"))
         lines += self.commands()["torchrun"]
+        lines.append("# or accelerate launch" + (", one command on each node:" if self.multi_node else ":"))
+        lines += self.commands()["accelerate"]
         return "\n".join(lines)
 
 

@@ -75,7 +75,14 @@ def test_dry_run_cli_writes_the_files_and_prints_the_commands(tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith(("deepspeed ", "torchrun "))]
     assert len(lines) == 3
     assert shlex.split(lines[0])[:3] == ["deepspeed", "--hostfile", str(run_dir / "hostfile")]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["ds_config.json", "hostfile", "setup.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["accelerate.yaml", "ds_config.json", "hostfile", "setup.json"]
+    accelerate_lines = [shlex.split(line) for line in out.splitlines() if line.startswith("accelerate launch")]
+    assert [a[a.index("--machine_rank") + 1] for a in accelerate_lines] == ["0", "1"]
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(run_dir / "accelerate.yaml"))  # accelerate launch reads it as written
+    assert (config.num_processes, config.num_machines, config.main_process_ip) == (16, 2, "gpu-a")
+    assert config.deepspeed_config["deepspeed_config_file"] == str((run_dir / "ds_config.json").resolve())
 
 
 def test_a_setup_that_does_not_fit_is_refused_unless_forced(tmp_path, capsys):
