@@ -148,7 +148,7 @@ class Candidate:
 
     @property
     def fits(self) -> bool:
-        return bool(self.breakdown.fits) and _host_fits(self.setup, self.breakdown)
+        return bool(self.breakdown.fits)
 
     def as_dict(self) -> dict:
         return {
@@ -158,12 +158,6 @@ class Candidate:
             "step_time_s": self.time.total_s,
             "fits": self.fits,
         }
-
-
-def _host_fits(setup: TrainingSetup, breakdown: Breakdown) -> bool:
-    if setup.host_memory_bytes is None:
-        return True
-    return sum(breakdown.per_host.values()) <= setup.host_memory_bytes
 
 
 def candidate_setups(constraints: Constraints) -> list[TrainingSetup]:
@@ -299,7 +293,7 @@ class Rung:
 
     @property
     def fits(self) -> bool:
-        return bool(self.breakdown.fits) and _host_fits(self.setup, self.breakdown)
+        return bool(self.breakdown.fits)
 
     def as_dict(self) -> dict:
         return {
