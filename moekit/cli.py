@@ -522,7 +522,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     add_setup_flags(p)
     _add_run_flags(p, "--output-dir")
-    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if a checkpoint exists")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start a new run at step 0; an old run in the folder is moved aside to <folder>-old-<time>")
     p.add_argument("--check-frozen", action="store_true", help="also check that frozen weights did not change")
     p.set_defaults(run=_run_train, uses_deepspeed=True)
 

@@ -145,8 +145,9 @@ class LaunchPlan:
 
     def write(self) -> dict[str, Path]:
         """Write the setup, the DeepSpeed config and (several nodes) the hostfile into run_dir."""
-        from moekit.train import save_setup
+        from moekit.train import check_run_folder, save_setup
 
+        check_run_folder(self.run_dir, self.setup, resume=True)  # never overwrite another run's setup
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_setup(self.setup, self.files["setup"])
         self.files["ds_config"].write_text(json.dumps(self.ds_config, indent=2) + "\n")
