@@ -140,6 +140,8 @@ def check_run_folder(output_dir: str | Path, setup: TrainingSetup, *, resume: bo
     if path.exists() and not path.is_dir():
         raise TrainingError(f"output folder {path} is a file; give a folder path (it is created if missing).")
     existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise TrainingError(f"output folder {path} would be inside the file {existing}; give a folder path.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainingError(f"cannot write into {existing}; choose an output folder you may write to.")
     if not path.is_dir() or not any(path.iterdir()):
@@ -543,8 +545,10 @@ def train(
     zero_init = setup.zero_stage == 3 if zero_init is None else zero_init
     if zero_init and setup.zero_stage != 3:
         raise TrainingError(f"zero_init builds the model partitioned, which only ZeRO-3 does; the setup is ZeRO-{setup.zero_stage}.")
-    if data is not None and not Path(data).expanduser().is_file():
-        raise TrainingError(f"training data {data} does not exist; give a local .txt or .jsonl file, or none for the bundled text.")
+    if data is not None:
+        from moekit.data import load_documents
+
+        load_documents(data)  # a missing, non-UTF-8 or malformed file is refused before anything is written
     weights_folder(setup, weights)  # raises when the folder is missing
     folder = check_run_folder(output_dir, setup, resume=resume)
     check_precision_supported(setup.precision)

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train import deepspeed_env, output_of
 
 from moekit.train import check_run_folder, read_log, save_setup
 from moekit.training_setup import TrainingSetup
-from tests.test_train import deepspeed_env, output_of
 
 REPO = Path(__file__).resolve().parents[1]
 
