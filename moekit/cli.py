@@ -478,7 +478,7 @@ def _add_ds_config(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="one of XTuner's DeepSpeed presets")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step; sets the accumulation")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
-    p.set_defaults(run=_run_ds_config, uses_deepspeed=True)
+    p.set_defaults(run=_run_ds_config)
 
 
 def _run_ds_config(args: argparse.Namespace) -> None:
@@ -489,11 +489,14 @@ def _run_ds_config(args: argparse.Namespace) -> None:
     setup = setup_from_args(args)
     if args.preset:
         setup = setup_for_preset(setup, args.preset)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise MoekitError(f"--out {out} is a folder; give a file name such as {out / 'ds_config.json'}.")
+    if out is not None and not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
+        raise MoekitError(f"cannot write --out {out}: {out.parent} is not a folder you may write to; choose a writable path.")
+    import_deepspeed_logging_to_stderr()
     config = validated_ds_config(setup, args.preset, global_batch=args.global_batch)
-    if args.out:
-        out = Path(args.out)
-        if out.is_dir():
-            raise MoekitError(f"--out {out} is a folder; give a file name such as {out / 'ds_config.json'}.")
+    if out is not None:
         try:
             out.write_text(json.dumps(config, indent=2) + "\n")
         except OSError as err:
@@ -525,16 +528,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true",
                    help="start a new run at step 0; an old run in the folder is moved aside to <folder>-old-<time>")
     p.add_argument("--check-frozen", action="store_true", help="also check that frozen weights did not change")
-    p.set_defaults(run=_run_train, uses_deepspeed=True)
+    p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from moekit.train import train
+    from moekit.train import check_train_inputs, train
 
-    result = train(
-        setup_from_args(args), args.data, steps=args.steps, output_dir=args.output_dir, save_every=args.save_every,
-        resume=not args.no_resume, seed=args.seed, weights=args.weights, lr=args.lr, check_frozen=args.check_frozen,
-    )
+    setup = setup_from_args(args)
+    run = dict(steps=args.steps, output_dir=args.output_dir, save_every=args.save_every, resume=not args.no_resume,
+               seed=args.seed, weights=args.weights, lr=args.lr)
+    check_train_inputs(setup, args.data, **run)  # bad input is one line before DeepSpeed even loads
+    import_deepspeed_logging_to_stderr()
+    result = train(setup, args.data, **run, check_frozen=args.check_frozen)
     if result.losses:
         first, last = result.start_step + 1, result.last_step
         print(f"steps {first}-{last}: loss {result.losses[first]:.4f} -> {result.losses[last]:.4f}; log {result.log_path}")
@@ -560,18 +565,23 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="what runs without --dry-run")
     g.add_argument("--dry-run", action="store_true", help="write the files and print the commands; start nothing")
     g.add_argument("--force", action="store_true", help="launch even if the estimate says it will not fit")
-    p.set_defaults(run=_run_launch, uses_deepspeed=True)
+    p.set_defaults(run=_run_launch)
 
 
 def _run_launch(args: argparse.Namespace) -> None:
-    from moekit.launch import TrainArgs, launch, run_plan
+    from moekit.launch import TrainArgs, check_hosts, launch, run_plan
+    from moekit.train import check_run_folder
 
     hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts is not None else None
     if hosts is not None and not all(hosts):
         raise MoekitError(f"--hosts '{args.hosts}' has an empty name; give one host per node, e.g. node1,node2.")
     train_args = TrainArgs(steps=args.steps, save_every=args.save_every, data=args.data, weights=args.weights, lr=args.lr, seed=args.seed)
+    setup = setup_from_args(args)
+    check_hosts(setup, hosts, args.master_addr, args.master_port)
+    check_run_folder(args.run_dir, setup, resume=True)
+    import_deepspeed_logging_to_stderr()  # after the checks, so bad input stays one line
     plan = launch(
-        setup_from_args(args), run_dir=args.run_dir, hosts=hosts, master_addr=args.master_addr,
+        setup, run_dir=args.run_dir, hosts=hosts, master_addr=args.master_addr,
         master_port=args.master_port, train_args=train_args,
     )
     if args.dry_run:
@@ -660,9 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(err.prog, str(err), 2, as_json)
     prog = f"moekit {args.command}"
     try:
-        if getattr(args, "uses_deepspeed", False):
-            import_deepspeed_logging_to_stderr()
-        args.run(args)
+        args.run(args)  # commands that use DeepSpeed import it once their inputs are checked
     except Interrupted as err:
         return report_error(prog, str(err), 130, as_json)
     except KeyboardInterrupt:

@@ -186,6 +186,19 @@ def launch(
     from moekit.train import DEFAULT_LR, training_config
     from moekit.zero import ds_config
 
+    hosts = check_hosts(setup, hosts, master_addr, master_port)
+    train_args = train_args or TrainArgs()
+    lr = train_args.lr if train_args.lr is not None else DEFAULT_LR[setup.method]
+    config = training_config(setup, lr, ds_config(setup, preset))
+    plan = LaunchPlan(setup, Path(run_dir), hosts, master_addr or hosts[0], master_port, train_args, config)
+    if check_fit:
+        plan.fits, plan.fit_note = fit_verdict(setup)
+    return plan
+
+
+def check_hosts(setup: TrainingSetup, hosts: list[str] | None, master_addr: str | None = None,
+                master_port: int = DEFAULT_MASTER_PORT) -> list[str]:
+    """The hosts, one per node (default node1, node2, ...), once their names and the master's are checked."""
     if not isinstance(setup, TrainingSetup):
         raise LaunchError(f"launch takes a TrainingSetup, got {type(setup).__name__}; e.g. launch(TrainingSetup(model='tiny')).")
     hosts = list(hosts) if hosts else [f"node{i + 1}" for i in range(setup.num_nodes)]
@@ -197,13 +210,7 @@ def launch(
         raise LaunchError(f"{len(hosts)} hosts given ({', '.join(hosts)}) for a setup of {setup.num_nodes} nodes; give one host per node.")
     if not isinstance(master_port, int) or isinstance(master_port, bool) or not 0 < master_port < 65536:
         raise LaunchError(f"master_port must be a TCP port (1-65535), got {master_port}.")
-    train_args = train_args or TrainArgs()
-    lr = train_args.lr if train_args.lr is not None else DEFAULT_LR[setup.method]
-    config = training_config(setup, lr, ds_config(setup, preset))
-    plan = LaunchPlan(setup, Path(run_dir), hosts, master_addr or hosts[0], master_port, train_args, config)
-    if check_fit:
-        plan.fits, plan.fit_note = fit_verdict(setup)
-    return plan
+    return hosts
 
 
 #: One DNS label (RFC 1123): letters, digits and inner hyphens, at most 63 characters.

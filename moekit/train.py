@@ -539,24 +539,37 @@ def train(
     the guard fire). kill_after_checkpoint: SIGKILL every rank right after saving that step (a
     resume drill).
     """
+    folder = check_train_inputs(setup, data, steps=steps, output_dir=output_dir, save_every=save_every, resume=resume,
+                                seed=seed, weights=weights, lr=lr, zero_init=zero_init)
+    zero_init = setup.zero_stage == 3 if zero_init is None else zero_init
+    check_precision_supported(setup.precision)
+    rank, world_size = init_distributed()
+    return _train_rank(setup, data, rank, world_size, steps=steps, folder=folder, save_every=save_every,
+                       seed=seed, weights=weights, lr=lr, zero_init=zero_init, check_frozen=check_frozen,
+                       config=config, model_hook=model_hook, kill_after_checkpoint=kill_after_checkpoint, progress=progress)
+
+
+def check_train_inputs(setup: TrainingSetup, data: str | Path | None = None, *, steps: int = 20,
+                       output_dir: str | Path = "runs/moekit", save_every: int = 0, resume: bool = True, seed: int = 0,
+                       weights: str | Path | None = None, lr: float | None = None, zero_init: bool | None = None) -> RunFolder:
+    """Every check of ``train``'s inputs, before anything is written or DeepSpeed is imported; the run folder.
+
+    The run arguments (``TrainArgs``), the data file (read once), the weights folder, the run folder
+    (``check_run_folder``) and, on the CPU, whether the model can be built in this machine's RAM.
+    """
     if not isinstance(setup, TrainingSetup):
         raise TrainingError(f"train takes a TrainingSetup, got {type(setup).__name__}; e.g. train(TrainingSetup(model='tiny')).")
     TrainArgs(steps=steps, save_every=save_every, data=data, weights=weights, lr=lr, seed=seed)  # raises on bad values
-    zero_init = setup.zero_stage == 3 if zero_init is None else zero_init
     if zero_init and setup.zero_stage != 3:
         raise TrainingError(f"zero_init builds the model partitioned, which only ZeRO-3 does; the setup is ZeRO-{setup.zero_stage}.")
     if data is not None:
         from moekit.data import load_documents
 
-        load_documents(data)  # a missing, non-UTF-8 or malformed file is refused before anything is written
+        load_documents(data)  # a missing, non-UTF-8 or malformed file is refused here
     weights_folder(setup, weights)  # raises when the folder is missing
     folder = check_run_folder(output_dir, setup, resume=resume)
-    check_precision_supported(setup.precision)
     check_fits_this_machine(setup_for_world(setup, int(os.environ.get("WORLD_SIZE", "1"))))
-    rank, world_size = init_distributed()
-    return _train_rank(setup, data, rank, world_size, steps=steps, folder=folder, save_every=save_every,
-                       seed=seed, weights=weights, lr=lr, zero_init=zero_init, check_frozen=check_frozen,
-                       config=config, model_hook=model_hook, kill_after_checkpoint=kill_after_checkpoint, progress=progress)
+    return folder
 
 
 def check_fits_this_machine(setup: TrainingSetup) -> None:
@@ -565,9 +578,7 @@ def check_fits_this_machine(setup: TrainingSetup) -> None:
     Uses ``moekit.profile``'s deliberately rough upper bound, the one ``moekit measure`` refuses with; every
     rank on this machine needs its own copy. On GPUs ``moekit launch`` checks the estimate before starting.
     """
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
+    if torch.cuda.is_available():  # DeepSpeed picks its CUDA accelerator then
         return
     import psutil
 
