@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 #: The modules whose code decides the cached facts; editing one of them invalidates the cache.
-_SOURCES = ("models.py", "lora.py", "estimate.py", "training_setup.py")
+_SOURCES = ("models.py", "lora.py", "estimate.py", "training_setup.py", "catalog.py")
 
 
 def cache_dir() -> Path:
@@ -48,7 +48,9 @@ def _code_fingerprint() -> str:
 
 def _config_bytes(model: str) -> bytes | None:
     """The bytes that define a model's shapes: a preset's JSON, or a local folder's / file's config.json."""
-    preset = resources.files("moekit").joinpath("presets", "models", f"{model}.json")
+    from moekit.catalog import preset_dir
+
+    preset = preset_dir() / f"{model}.json"
     if preset.is_file():
         return preset.read_bytes()
     path = Path(model).expanduser()

@@ -163,24 +163,37 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_models)
 
 
+def _census_row(model: str) -> dict:
+    """``parameter_census(model).as_dict()``, kept on disk by moekit.cache (so `moekit models` needs no torch)."""
+    from moekit.cache import disk_cached
+
+    @disk_cached("census", dict)
+    def census(name: str) -> dict:
+        from moekit.models import parameter_census
+
+        return parameter_census(name).as_dict()
+
+    return census(model)
+
+
 def _run_models(args: argparse.Namespace) -> None:
-    from moekit.models import list_presets, parameter_census, preset_description
+    from moekit.catalog import list_presets, preset_description
 
     names = [args.model] if args.model else list_presets()
-    censuses = [parameter_census(name) for name in names]
+    censuses = [_census_row(name) for name in names]
     if args.json:
-        print_json([c.as_dict() for c in censuses])
+        print_json(censuses)
         return
     print(f"{'name':<20}{'params':>18}{'active/token':>18}{'experts':>9}{'top-k':>7}  description")
     for census in censuses:
-        description = preset_description(census.model) if not args.model else ""
+        description = preset_description(census["name"]) if not args.model else ""
         print(
-            f"{census.model:<20}{census.num_params:>18,}{census.num_active_params:>18,}"
-            f"{census.num_experts:>9}{census.experts_per_token:>7}  {description}"
+            f"{census['name']:<20}{census['num_params']:>18,}{census['num_active_params']:>18,}"
+            f"{census['num_experts']:>9}{census['experts_per_token']:>7}  {description}"
         )
     if args.model:
         print("\nby component:")
-        for component, count in censuses[0].num_params_by_component.items():
+        for component, count in censuses[0]["num_params_by_component"].items():
             print(f"  {component:<16}{count:>18,}")
 
 
