@@ -103,8 +103,11 @@ def load_setup(path: str | Path) -> TrainingSetup:
 # The run folder: one run per folder, never two mixed
 # --------------------------------------------------------------------------------------------
 
-#: What a moekit run writes into its folder (a folder holding only these is a moekit run).
-RUN_FILES = ("setup.json", "ds_config.json", "hostfile", "log.jsonl", "guard.jsonl", "checkpoints")
+#: What a moekit run writes into its folder (a folder holding only these is a moekit run); launcher.log is
+#: where moekit.lessons sends the launcher's output.
+RUN_FILES = ("setup.json", "ds_config.json", "hostfile", "launcher.log", "log.jsonl", "guard.jsonl", "checkpoints")
+#: The files that hold a run's progress: a folder with none of them was only prepared (``moekit launch``).
+PROGRESS_FILES = ("log.jsonl", "guard.jsonl", "checkpoints")
 
 
 def setup_differences(old: TrainingSetup, new: TrainingSetup) -> list[str]:
@@ -134,7 +137,7 @@ def check_run_folder(output_dir: str | Path, setup: TrainingSetup, *, resume: bo
     - the folder is a file, or cannot be created or written;
     - it holds files that are not a moekit run (a run would scatter its files among them);
     - resume: the folder's run was made with another setup (the differing fields are named);
-    - no resume: the folder holds a run, which is moved aside to a named folder, never emptied in place.
+    - no resume: a run that made progress is moved aside to a named folder, never emptied in place.
     """
     path = Path(output_dir).expanduser()
     if path.exists() and not path.is_dir():
@@ -151,6 +154,8 @@ def check_run_folder(output_dir: str | Path, setup: TrainingSetup, *, resume: bo
         shown = ", ".join(foreign[:3]) or "no setup.json"
         raise TrainingError(f"{path} is not empty and not a moekit run ({shown}); choose a new or empty output folder.")
     if not resume:
+        if not any((path / name).exists() for name in PROGRESS_FILES):
+            return RunFolder(path, 0)  # prepared by `moekit launch`, nothing run yet: nothing to move
         aside = path.with_name(f"{path.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
         return RunFolder(path, 0, move_aside_to=aside)
     old = load_setup(path / "setup.json")
