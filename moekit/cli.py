@@ -602,7 +602,13 @@ def _run_launch(args: argparse.Namespace) -> None:
         print(plan.describe())
         return
     print(plan.describe(), flush=True)
-    code = run_plan(plan, force=args.force, launcher=args.launcher)
+    try:
+        code = run_plan(plan, force=args.force, launcher=args.launcher)
+    except KeyboardInterrupt:
+        from moekit.train import latest_checkpoint_step
+
+        step = latest_checkpoint_step(plan.run_dir) or 0
+        raise Interrupted(f"interrupted; rerun the same command to resume from step {step}") from None
     if code:
         raise RunFailure(f"the {args.launcher} run exited with code {code}; see its output above and {args.run_dir}/log.jsonl.")
 

@@ -825,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"moekit train: error: {err}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("moekit train: error: interrupted before training started; rerun the same command", file=sys.stderr)
+        return 130
     except RunFailure as err:
         print(f"moekit train: error: {err}", file=sys.stderr)
         return 1

@@ -146,3 +146,21 @@ def test_a_folder_of_other_files_or_a_file_is_refused_before_anything_is_written
     with pytest.raises(ValueError, match=r"gpus_per_node 8 -> 2"):
         check_run_folder(tmp_path / "run", setup.replace(gpus_per_node=2), resume=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]
+
+
+def test_resume_candidates_skip_a_latest_that_names_a_missing_folder(tmp_path):
+    from moekit.train import checkpoint_steps
+
+    checkpoints = tmp_path / "checkpoints"
+    assert checkpoint_steps(tmp_path) == []
+    for step in (2, 4):
+        (checkpoints / f"step{step:06d}").mkdir(parents=True)
+    assert checkpoint_steps(tmp_path) == []  # no `latest`: DeepSpeed never finished a save
+    (checkpoints / "latest").write_text("step000004")
+    assert checkpoint_steps(tmp_path) == [4, 2]
+    (checkpoints / "latest").write_text("step000006")  # names a folder that is not there
+    assert checkpoint_steps(tmp_path) == [4, 2]
+    (checkpoints / "latest").write_text("garbage")
+    assert checkpoint_steps(tmp_path) == [4, 2]
+    (checkpoints / "latest").write_text("step000002")  # older than a folder left by a half-written save
+    assert checkpoint_steps(tmp_path) == [2]
