@@ -396,6 +396,7 @@ def as_json(result: PlanResult, rungs: list[Rung]) -> dict:
         "fits": [c.as_dict() for c in result.fits],
         "closest": result.closest.as_dict(),
         "verdict": result.verdict(),
+        "ranking": RANKING,
         "ladder": [r.as_dict() for r in rungs],
     }
 
