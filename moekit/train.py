@@ -110,8 +110,12 @@ RUN_FILES = ("setup.json", "ds_config.json", "hostfile", "launcher.log", "log.js
 PROGRESS_FILES = ("log.jsonl", "guard.jsonl", "checkpoints")
 
 
+#: Setup fields that describe the hardware the fit is checked against, not the run: they may change on resume.
+FIT_ONLY_FIELDS = ("gpu_memory_gb", "host_memory_gb")
+
+
 def setup_differences(old: TrainingSetup, new: TrainingSetup) -> list[str]:
-    """``field: old -> new`` for every field that differs (LoRA fields as ``lora.r``)."""
+    """``field old -> new`` for every field that changes the run (LoRA fields as ``lora.r``)."""
 
     def flat(setup: TrainingSetup) -> dict:
         data = setup.as_dict()
@@ -119,7 +123,8 @@ def setup_differences(old: TrainingSetup, new: TrainingSetup) -> list[str]:
         return {**data, **{f"lora.{k}": v for k, v in lora.items()}}
 
     before, after = flat(old), flat(new)
-    return [f"{key} {before[key]!r} -> {after[key]!r}" for key in before if before[key] != after[key]]
+    return [f"{key} {before[key]!r} -> {after[key]!r}" for key in before
+            if before[key] != after[key] and key not in FIT_ONLY_FIELDS]
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,8 @@ def test_a_folder_of_other_files_or_a_file_is_refused_before_anything_is_written
     save_setup(setup, tmp_path / "run" / "setup.json")
     with pytest.raises(ValueError, match=r"gpus_per_node 8 -> 2"):
         check_run_folder(tmp_path / "run", setup.replace(gpus_per_node=2), resume=True)
+    # the card's and the host's memory only feed the fit check: changing them resumes the same run
+    assert check_run_folder(tmp_path / "run", setup.replace(gpu_memory_gb=80, host_memory_gb=512), resume=True).start_step == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]
 
 
