@@ -820,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         setup = load_setup(args.setup_json)
-        config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else None
+        config = read_ds_config(args.ds_config) if args.ds_config else None
         result = train(
             setup, args.data, steps=args.steps, output_dir=args.output_dir, save_every=args.save_every,
             resume=not args.no_resume, seed=args.seed, weights=args.weights, lr=args.lr,
@@ -844,6 +844,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moekit train: steps {result.start_step + 1}-{result.last_step}, loss {result.losses[result.last_step]:.4f}, "
               f"log {result.log_path}")
     return 0
+
+
+def read_ds_config(path: str | Path) -> dict:
+    """A DeepSpeed JSON file, or TrainingError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # missing, unreadable, not UTF-8, not JSON
+        raise TrainingError(f"cannot read the DeepSpeed config {path} ({err}); write it with `moekit ds-config --out`.") from None
 
 
 def exit_now(code: int) -> None:
