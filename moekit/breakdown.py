@@ -36,6 +36,7 @@ class Breakdown:
     total_bytes: int | None = None
     gpu_memory_bytes: int | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    host_memory_bytes: int | None = None  # RAM per node; None: not given, so not checked
 
     def __post_init__(self) -> None:
         unknown = set(self.per_gpu) - set(CATEGORIES)
@@ -47,9 +48,36 @@ class Breakdown:
 
     @property
     def fits(self) -> bool | None:
+        """The one fit verdict (estimate, plan, launch and the dashboard ask this): the GPU peak fits the
+        card and, when the host's RAM is given, what lives on the host (offloaded states) fits it too.
+        None when the GPU memory is unknown."""
         if self.gpu_memory_bytes is None:
             return None
-        return self.total_bytes <= self.gpu_memory_bytes
+        return self.gpu_fits and self.host_fits is not False
+
+    @property
+    def gpu_fits(self) -> bool | None:
+        return None if self.gpu_memory_bytes is None else self.total_bytes <= self.gpu_memory_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes per node held in host RAM (offloaded optimizer states, gradients, parameters)."""
+        return sum(self.per_host.values())
+
+    @property
+    def host_fits(self) -> bool | None:
+        return None if self.host_memory_bytes is None else self.host_bytes <= self.host_memory_bytes
+
+    def verdict(self) -> str:
+        """One line: fits, or which memory is short and by how much."""
+        if self.fits is None:
+            return "no GPU memory given: nothing to check against"
+        problems = []
+        if not self.gpu_fits:
+            problems.append(f"GPU needs {self.total_bytes / GiB:.1f} GiB of {self.gpu_memory_bytes / GiB:.1f}")
+        if self.host_fits is False:
+            problems.append(f"host RAM needs {self.host_bytes / GiB:.1f} GiB of {self.host_memory_bytes / GiB:.1f}")
+        return "fits" if not problems else "DOES NOT FIT: " + "; ".join(problems)
 
     @property
     def headroom_bytes(self) -> int | None:
@@ -73,7 +101,10 @@ class Breakdown:
             "per_gpu": per_gpu,
             "per_host": dict(self.per_host),
             "gpu_memory_bytes": self.gpu_memory_bytes,
+            "host_memory_bytes": self.host_memory_bytes,
             "fits": self.fits,
+            "gpu_fits": self.gpu_fits,
+            "host_fits": self.host_fits,
             "headroom_bytes": self.headroom_bytes,
             "notes": dict(self.notes),
         }
@@ -85,10 +116,13 @@ class Breakdown:
             rows.append(f"{category:<18}{self.per_gpu[category] / GiB:>14.2f}")
         rows.append(f"{'total (peak)':<18}{self.total_bytes / GiB:>14.2f}")
         if self.gpu_memory_bytes is not None:
-            verdict = "fits" if self.fits else "DOES NOT FIT"
+            verdict = "fits" if self.gpu_fits else "DOES NOT FIT"
             rows.append(f"{'GPU memory':<18}{self.gpu_memory_bytes / GiB:>14.2f}")
             rows.append(f"{'headroom':<18}{self.headroom_bytes / GiB:>14.2f}   -> {verdict}")
         for key, value in self.per_host.items():
             rows.append(f"host {key:<13}{value / GiB:>14.2f}")
+        if self.host_memory_bytes is not None:
+            verdict = "fits" if self.host_fits else "DOES NOT FIT"
+            rows.append(f"{'host RAM':<18}{self.host_memory_bytes / GiB:>14.2f}   -> {verdict}")
         rows.extend(f"{key}: {note}" for key, note in self.notes.items())
         return "\n".join(rows)

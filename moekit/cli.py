@@ -1,18 +1,25 @@
 """The ``moekit`` command line: one subcommand per library call.
 
 Each subcommand has an ``_add_<name>(subparsers)`` function that declares its flags and a
-``_run_<name>(args)`` function that calls the library and prints. User mistakes (``MoekitError``)
-print one line and exit 2, without a traceback.
+``_run_<name>(args)`` function that calls the library and prints. Every failure prints one line on
+stderr (JSON with ``--json``), without a traceback: bad input (``MoekitError``, a bad flag, a file that
+cannot be read or written) exits 2, a run that fails after starting (``RunFailure``) exits 1, Ctrl-C 130.
+
+Only the modules a command needs are imported, inside its ``_run_<name>``: ``--help``, ``estimate``,
+``plan`` and ``models`` never import DeepSpeed, and torch/transformers only when a model is built
+(``moekit.cache`` keeps the facts the estimate needs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from moekit.errors import MoekitError
+from moekit.errors import Interrupted, MoekitError, RunFailure
 from moekit.training_setup import (
     ATTENTIONS,
     METHODS,
@@ -23,6 +30,32 @@ from moekit.training_setup import (
 )
 
 # --------------------------------------------------------------------------------------------
+# Flag types: bad values are one-line usage errors
+# --------------------------------------------------------------------------------------------
+
+
+def finite_float(text: str) -> float:
+    """A float flag that refuses nan and inf (argparse's float accepts both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
 # Shared flags: the training setup
 # --------------------------------------------------------------------------------------------
 
@@ -30,22 +63,33 @@ from moekit.training_setup import (
 def add_lora_flags(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     """--model and the LoRA spec's flags (rank, alpha, dropout, targets)."""
     d = TrainingSetup()
+    # The LoRA flags default to None so that giving one with --method full can be refused.
     group.add_argument("--model", default=d.model, help="preset name or local HF folder / config.json (default: %(default)s)")
-    group.add_argument("--r", type=int, default=d.lora.r, help="LoRA rank (default: %(default)s)")
+    group.add_argument("--r", type=int, default=None, help=f"LoRA rank (default: {d.lora.r})")
     group.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2*r)")
-    group.add_argument("--dropout", type=float, default=d.lora.dropout, help="LoRA dropout (default: %(default)s)")
+    group.add_argument("--dropout", type=finite_float, default=None, help=f"LoRA dropout (default: {d.lora.dropout})")
     group.add_argument(
         "--targets",
-        default=",".join(d.lora.targets),
+        default=None,
         help="comma-separated LoRA targets: groups (attention, experts, router, shared_experts, "
-        "all-linear) or module/parameter names (q_proj, gate_up_proj, w1...) (default: %(default)s)",
+        f"all-linear) or module/parameter names (q_proj, gate_up_proj, w1...) (default: {','.join(d.lora.targets)})",
     )
 
 
+LORA_FLAGS = {"r": "--r", "alpha": "--alpha", "dropout": "--dropout", "targets": "--targets"}
+
+
 def lora_spec_from_args(args: argparse.Namespace) -> LoraSpec:
-    """The LoraSpec the flags describe (alpha defaults to 2*r)."""
-    alpha = args.alpha if args.alpha is not None else 2 * args.r
-    return LoraSpec(r=args.r, alpha=alpha, dropout=args.dropout, targets=args.targets)
+    """The LoraSpec the flags describe (alpha defaults to 2*r); refuses LoRA flags on a full fine-tune."""
+    given = [flag for name, flag in LORA_FLAGS.items() if getattr(args, name) is not None]
+    if given and getattr(args, "method", "lora") == "full":
+        raise MoekitError(f"{', '.join(given)} set LoRA, which --method full does not use; drop them or use --method lora.")
+    d = LoraSpec()
+    r = d.r if args.r is None else args.r
+    alpha = args.alpha if args.alpha is not None else 2 * r
+    dropout = d.dropout if args.dropout is None else args.dropout
+    targets = d.targets if args.targets is None else args.targets
+    return LoraSpec(r=r, alpha=alpha, dropout=dropout, targets=targets)
 
 
 def add_setup_flags(parser: argparse.ArgumentParser) -> None:
@@ -63,8 +107,9 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nvme-path", default=None, help="folder on a fast local disk, for --offload-device nvme")
     g.add_argument("--gpus", type=int, default=d.gpus_per_node, help="GPUs per node (default: %(default)s)")
     g.add_argument("--nodes", type=int, default=d.num_nodes, help="number of nodes (default: %(default)s)")
-    g.add_argument("--gpu-mem", type=float, default=d.gpu_memory_gb, help="memory per GPU in GB as sold, e.g. 40 (default: %(default)s)")
-    g.add_argument("--host-mem", type=float, default=None, help="host RAM per node in GB, checked for offload")
+    g.add_argument("--gpu-mem", type=finite_float, default=d.gpu_memory_gb,
+                   help="memory per GPU in GB as sold, e.g. 40 (default: %(default)s)")
+    g.add_argument("--host-mem", type=finite_float, default=None, help="host RAM per node in GB, checked for offload")
     g.add_argument("--seq", type=int, default=d.seq_len, help="sequence length in tokens (default: %(default)s)")
     g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per GPU per step (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps (default: %(default)s)")
@@ -118,24 +163,37 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_models)
 
 
+def _census_row(model: str) -> dict:
+    """``parameter_census(model).as_dict()``, kept on disk by moekit.cache (so `moekit models` needs no torch)."""
+    from moekit.cache import disk_cached
+
+    @disk_cached("census", dict)
+    def census(name: str) -> dict:
+        from moekit.models import parameter_census
+
+        return parameter_census(name).as_dict()
+
+    return census(model)
+
+
 def _run_models(args: argparse.Namespace) -> None:
-    from moekit.models import list_presets, parameter_census, preset_description
+    from moekit.catalog import list_presets, preset_description
 
     names = [args.model] if args.model else list_presets()
-    censuses = [parameter_census(name) for name in names]
+    censuses = [_census_row(name) for name in names]
     if args.json:
-        print_json([c.as_dict() for c in censuses])
+        print_json(censuses)
         return
     print(f"{'name':<20}{'params':>18}{'active/token':>18}{'experts':>9}{'top-k':>7}  description")
     for census in censuses:
-        description = preset_description(census.model) if not args.model else ""
+        description = preset_description(census["name"]) if not args.model else ""
         print(
-            f"{census.model:<20}{census.num_params:>18,}{census.num_active_params:>18,}"
-            f"{census.num_experts:>9}{census.experts_per_token:>7}  {description}"
+            f"{census['name']:<20}{census['num_params']:>18,}{census['num_active_params']:>18,}"
+            f"{census['num_experts']:>9}{census['experts_per_token']:>7}  {description}"
         )
     if args.model:
         print("\nby component:")
-        for component, count in censuses[0].num_params_by_component.items():
+        for component, count in censuses[0]["num_params_by_component"].items():
             print(f"  {component:<16}{count:>18,}")
 
 
@@ -168,7 +226,9 @@ def _run_estimate(args: argparse.Namespace) -> None:
     print(setup.describe())
     print(breakdown.table())
     if not breakdown.fits:
-        print(f"\nlargest category: {breakdown.largest_category()} -- attack that first (see `moekit plan`).")
+        from moekit.plan import first_advice
+
+        print(f"\n{first_advice(breakdown)} (see `moekit plan`).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +284,7 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
         "and its peak so far. On a machine without GPUs: the resident memory of the processes given with --pid "
         "(e.g. the ranks of a deepspeed run), or else the host's RAM in use.",
     )
-    p.add_argument("--interval", type=float, default=0.5, help="seconds between polls (default: %(default)s)")
+    p.add_argument("--interval", type=finite_float, default=0.5, help="seconds between polls (default: %(default)s)")
     p.add_argument("--pid", type=int, nargs="+", default=None, help="processes to watch when there is no GPU")
     p.add_argument("--count", type=int, default=None, help="stop after this many polls (default: until Ctrl-C)")
     p.add_argument(
@@ -278,9 +338,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--min-seq", type=int, default=None, help="allow sequences down to this length (default: keep --seq)")
     g.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step to keep (default: from the flags)")
     g.add_argument("--methods", default="lora,full", help="methods the search may use (default: %(default)s)")
-    g.add_argument("--no-offload", action="store_true", help="do not offload anything to CPU RAM")
-    g.add_argument("--order", default=",".join(ARTICLE_ORDER), help="ladder order, comma-separated (default: the article's)")
-    g.add_argument("--top", type=int, default=5, help="how many fitting setups to print (default: %(default)s)")
+    g.add_argument("--ranks", default=None, help="LoRA ranks the search may use, e.g. 8,16,64 (default: keep --r)")
+    g.add_argument("--no-offload", action="store_true", help="do not offload anything to CPU RAM (search and ladder)")
+    g.add_argument("--order", default=None, help=f"ladder order, comma-separated (default: the article's, {','.join(ARTICLE_ORDER)})")
+    g.add_argument("--top", type=positive_int, default=5, help="how many fitting setups to print (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument(
         "--export", nargs=2, action="append", metavar=("KIND", "PATH"), default=[],
@@ -291,27 +352,38 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    from moekit.plan import as_json, constraints_from_setup, ladder, plan
+    from moekit.plan import ARTICLE_ORDER, OFFLOAD_MITIGATIONS, RANKING, as_json, constraints_from_setup, ladder, plan
 
     setup = setup_from_args(args)
     unknown = sorted({kind for kind, _ in args.export} - {"hf", "accelerate"})
     if unknown:
         raise MoekitError(f"unknown --export kind {', '.join(unknown)}; use 'hf DIR' or 'accelerate FILE'.")
-    overrides = {"min_seq_len": args.min_seq, "methods": tuple(args.methods.split(","))}
-    if args.global_batch:
+    order = list(ARTICLE_ORDER) if args.order is None else [name.strip() for name in args.order.split(",") if name.strip()]
+    overrides = {"min_seq_len": args.min_seq, "methods": tuple(m.strip() for m in args.methods.split(",") if m.strip())}
+    if args.global_batch is not None:
         overrides["global_batch"] = args.global_batch
+    if args.ranks is not None:
+        overrides["lora_ranks"] = tuple(_whole_numbers("--ranks", args.ranks))
     if args.no_offload:
+        if setup.offload != "none":
+            raise MoekitError(f"--offload {setup.offload} and --no-offload contradict each other; drop one of them.")
+        asked = [name for name in order if name in OFFLOAD_MITIGATIONS]
+        if args.order is not None and asked:
+            raise MoekitError(f"--order names {', '.join(asked)}, which --no-offload forbids; drop them or --no-offload.")
         overrides["offloads"] = ("none",)
+        order = [name for name in order if name not in OFFLOAD_MITIGATIONS]
     result = plan(constraints_from_setup(setup, **overrides), top=args.top)
-    rungs = ladder(setup, [name for name in args.order.split(",") if name], min_seq_len=args.min_seq)
+    rungs = ladder(setup, order, min_seq_len=args.min_seq)
     exported = _export_plan(result, args.export)
     if args.json:
         print_json(as_json(result, rungs))
-        print("\n".join(exported), file=sys.stderr) if exported else None
+        if exported:
+            print("\n".join(exported), file=sys.stderr)
         return
     print(result.verdict())
+    print(f"ranking: {RANKING}")
     if result.fits:
-        print(f"\n{'best setups that fit':<100}{'step s':>8}{'GiB/GPU':>9}")
+        print(f"\n{'best setups that fit':<100}{'rel. s':>8}{'GiB/GPU':>9}")
         for c in result.fits:
             print(f"{c.setup.describe():<100}{c.time.total_s:>8.1f}{c.breakdown.total_bytes / 2**30:>9.1f}")
     print(f"\n{'ladder from your setup':<20}{'GiB/GPU':>9}{'saved':>9}  fits  change")
@@ -338,6 +410,16 @@ def _export_plan(result, exports: list[list[str]]) -> list[str]:
         files = export_hf(setup, path) if kind == "hf" else export_accelerate(setup, path)
         lines += [f"  {name:<14}{file}" for name, file in files.items()]
     return lines
+
+
+def _whole_numbers(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MoekitError(f"{flag} takes comma-separated whole numbers, e.g. 8,16,64; got '{text}'.") from None
+    if not values or min(values) <= 0:
+        raise MoekitError(f"{flag} takes positive whole numbers, e.g. 8,16,64; got '{text}'.")
+    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +520,7 @@ def _add_ds_config(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="one of XTuner's DeepSpeed presets")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step; sets the accumulation")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
-    p.set_defaults(run=_run_ds_config, uses_deepspeed=True)
+    p.set_defaults(run=_run_ds_config)
 
 
 def _run_ds_config(args: argparse.Namespace) -> None:
@@ -449,9 +531,18 @@ def _run_ds_config(args: argparse.Namespace) -> None:
     setup = setup_from_args(args)
     if args.preset:
         setup = setup_for_preset(setup, args.preset)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise MoekitError(f"--out {out} is a folder; give a file name such as {out / 'ds_config.json'}.")
+    if out is not None and not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
+        raise MoekitError(f"cannot write --out {out}: {out.parent} is not a folder you may write to; choose a writable path.")
+    import_deepspeed_logging_to_stderr()
     config = validated_ds_config(setup, args.preset, global_batch=args.global_batch)
-    if args.out:
-        Path(args.out).write_text(json.dumps(config, indent=2) + "\n")
+    if out is not None:
+        try:
+            out.write_text(json.dumps(config, indent=2) + "\n")
+        except OSError as err:
+            raise MoekitError(f"cannot write --out {out}: {err.strerror}; choose a writable path.") from None
     print_json(config)
 
 
@@ -462,7 +553,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, output_flag: str) -> None:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: only at the end (default: %(default)s)")
     g.add_argument("--data", default=None, help="a local .txt or .jsonl file (default: moekit's bundled text)")
     g.add_argument("--weights", default=None, help="a local Hugging Face model folder (default: seeded random weights)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    g.add_argument("--lr", type=finite_float, default=None, help="learning rate (default: 2e-4 LoRA, 2e-5 full)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -476,18 +567,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     add_setup_flags(p)
     _add_run_flags(p, "--output-dir")
-    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if a checkpoint exists")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start a new run at step 0; an old run in the folder is moved aside to <folder>-old-<time>")
     p.add_argument("--check-frozen", action="store_true", help="also check that frozen weights did not change")
-    p.set_defaults(run=_run_train, uses_deepspeed=True)
+    p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from moekit.train import train
+    from moekit.train import check_train_inputs, train
 
-    result = train(
-        setup_from_args(args), args.data, steps=args.steps, output_dir=args.output_dir, save_every=args.save_every,
-        resume=not args.no_resume, seed=args.seed, weights=args.weights, lr=args.lr, check_frozen=args.check_frozen,
-    )
+    setup = setup_from_args(args)
+    run = dict(steps=args.steps, output_dir=args.output_dir, save_every=args.save_every, resume=not args.no_resume,
+               seed=args.seed, weights=args.weights, lr=args.lr)
+    check_train_inputs(setup, args.data, **run)  # bad input is one line before DeepSpeed even loads
+    import_deepspeed_logging_to_stderr()
+    result = train(setup, args.data, **run, check_frozen=args.check_frozen)
     if result.losses:
         first, last = result.start_step + 1, result.last_step
         print(f"steps {first}-{last}: loss {result.losses[first]:.4f} -> {result.losses[last]:.4f}; log {result.log_path}")
@@ -513,16 +607,23 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed", help="what runs without --dry-run")
     g.add_argument("--dry-run", action="store_true", help="write the files and print the commands; start nothing")
     g.add_argument("--force", action="store_true", help="launch even if the estimate says it will not fit")
-    p.set_defaults(run=_run_launch, uses_deepspeed=True)
+    p.set_defaults(run=_run_launch)
 
 
 def _run_launch(args: argparse.Namespace) -> None:
-    from moekit.launch import TrainArgs, launch, run_plan
+    from moekit.launch import TrainArgs, check_hosts, launch, run_plan
+    from moekit.train import check_run_folder
 
-    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
+    hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts is not None else None
+    if hosts is not None and not all(hosts):
+        raise MoekitError(f"--hosts '{args.hosts}' has an empty name; give one host per node, e.g. node1,node2.")
     train_args = TrainArgs(steps=args.steps, save_every=args.save_every, data=args.data, weights=args.weights, lr=args.lr, seed=args.seed)
+    setup = setup_from_args(args)
+    check_hosts(setup, hosts, args.master_addr, args.master_port)
+    check_run_folder(args.run_dir, setup, resume=True)
+    import_deepspeed_logging_to_stderr()  # after the checks, so bad input stays one line
     plan = launch(
-        setup_from_args(args), run_dir=args.run_dir, hosts=hosts, master_addr=args.master_addr,
+        setup, run_dir=args.run_dir, hosts=hosts, master_addr=args.master_addr,
         master_port=args.master_port, train_args=train_args,
     )
     if args.dry_run:
@@ -530,11 +631,15 @@ def _run_launch(args: argparse.Namespace) -> None:
         print(plan.describe())
         return
     print(plan.describe(), flush=True)
-    code = run_plan(plan, force=args.force, launcher=args.launcher)
-    if code:
-        from moekit.launch import LaunchError
+    try:
+        code = run_plan(plan, force=args.force, launcher=args.launcher)
+    except KeyboardInterrupt:
+        from moekit.train import latest_checkpoint_step
 
-        raise LaunchError(f"the {args.launcher} run exited with code {code}; see its output above and {args.run_dir}/log.jsonl.")
+        step = latest_checkpoint_step(plan.run_dir) or 0
+        raise Interrupted(f"interrupted; rerun the same command to resume from step {step}") from None
+    if code:
+        raise RunFailure(f"the {args.launcher} run exited with code {code}; see its output above and {args.run_dir}/log.jsonl.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,8 +660,23 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class UsageError(MoekitError):
+    """A flag argparse refused; carries the subcommand's name for the one-line message."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming the fix (not the usage block), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(self.prog, f"{message}; see `{self.prog} --help`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moekit",
         description="Learn and plan fine-tuning of Mixture-of-Experts models when GPU memory is short.",
     )
@@ -579,15 +699,49 @@ def import_deepspeed_logging_to_stderr() -> None:
         import deepspeed  # noqa: F401
 
 
+def report_error(prog: str, message: str, code: int, as_json: bool) -> int:
+    """Print one failure as one line on stderr (a JSON object with --json); return the exit code."""
+    message = " ".join(str(message).split())  # one line, whatever the exception held
+    if as_json:
+        print(json.dumps({"command": prog, "error": message, "exit_code": code}), file=sys.stderr)
+    else:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "uses_deepspeed", False):
-        import_deepspeed_logging_to_stderr()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
     try:
-        args.run(args)
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        return report_error(err.prog, str(err), 2, as_json)
+    prog = f"moekit {args.command}"
+    try:
+        args.run(args)  # commands that use DeepSpeed import it once their inputs are checked
+    except Interrupted as err:
+        return report_error(prog, str(err), 130, as_json)
+    except KeyboardInterrupt:
+        return report_error(prog, "interrupted (Ctrl-C); nothing was finished", 130, as_json)
+    except RunFailure as err:
+        return report_error(prog, str(err), 1, as_json)
     except MoekitError as err:
-        print(f"moekit {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return report_error(prog, str(err), 2, as_json)
+    except BrokenPipeError:  # `moekit plan | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
+    except UnicodeDecodeError as err:
+        return report_error(prog, f"a file is not UTF-8 text ({err.reason} at byte {err.start}); save the config / data "
+                            "file as UTF-8", 2, as_json)
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        return report_error(prog, f"cannot use{where}: {err.strerror or err}; check the path exists and you may "
+                            "read / write it", 2, as_json)
+    except Exception as err:
+        if os.environ.get("MOEKIT_TRACEBACK"):
+            raise
+        return report_error(prog, f"unexpected {type(err).__name__}: {err} (a moekit bug: rerun with "
+                            "MOEKIT_TRACEBACK=1 and report the traceback)", 1, as_json)
     return 0
 
 

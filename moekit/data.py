@@ -123,7 +123,14 @@ def load_documents(source: str | Path | None = None) -> list[str]:
         raise DataError(f"training data {path} does not exist; give a local .txt or .jsonl file, or none for the bundled text.")
     if path.suffix == ".jsonl":
         return _jsonl_texts(path)
-    return _paragraphs(path.read_text(encoding="utf-8"))
+    return _paragraphs(_read_text(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"training data {path} is not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -132,7 +139,7 @@ def _paragraphs(text: str) -> list[str]:
 
 def _jsonl_texts(path: Path) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -20,14 +20,16 @@ and checked against ``moekit.simulate`` (a full-size step under FakeTensorMode) 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
 from moekit.breakdown import Breakdown
+from moekit.cache import disk_cached
 from moekit.errors import MoekitError
-from moekit.models import as_config, build_model, moe_shape, parameter_census, per_layer_census
-from moekit.training_setup import TrainingSetup
+from moekit.training_setup import LoraSpec, SetupError, TrainingSetup
+
+# moekit.models (torch, transformers) is imported inside the functions that build a model on the meta
+# device; their results are cached on disk (moekit.cache), so a warm estimate imports neither.
 
 # ---------------------------------------------------------------------------------------------
 # Documented constants
@@ -73,10 +75,13 @@ class ModelFacts:
     qk_norm: bool  # OLMoE normalizes q and k over the full projection
     sliding_window: int | None  # Mistral attends to the last 4096 tokens only
     normalizes_top_k: bool  # Mixtral renormalizes the top-k router weights (one more saved tensor)
+    max_positions: int | None = None  # max_position_embeddings: the longest sequence the model is made for
 
 
-@functools.lru_cache(maxsize=64)
+@disk_cached("model_facts", lambda data: ModelFacts(**data))
 def model_facts(model: str) -> ModelFacts:
+    from moekit.models import as_config, build_model, moe_shape, parameter_census, per_layer_census
+
     config = as_config(model)
     shape = moe_shape(config)
     census = parameter_census(config)
@@ -111,6 +116,7 @@ def model_facts(model: str) -> ModelFacts:
         qk_norm=config.model_type == "olmoe",
         sliding_window=getattr(config, "sliding_window", None) or None,
         normalizes_top_k=bool(getattr(config, "norm_topk_prob", config.model_type == "mixtral")),
+        max_positions=getattr(config, "max_position_embeddings", None),
     )
 
 
@@ -123,8 +129,8 @@ def facts_for(setup: TrainingSetup, num_layers: int | None = None) -> ModelFacts
     return dataclasses.replace(facts, num_layers=num_layers, num_params=num_params)
 
 
-@functools.lru_cache(maxsize=256)
-def _lora_counts_per_layer(model: str, spec) -> tuple[int, int]:
+@disk_cached("lora_counts", tuple)
+def _lora_counts_per_layer(model: str, spec: LoraSpec) -> tuple[int, int]:
     """(LoRA trainable params per decoder layer, of which on fused expert tensors) for a LoRA spec."""
     from moekit.lora import lora_census
 
@@ -167,11 +173,19 @@ def _base_weight_bytes(setup: TrainingSetup, facts: ModelFacts) -> int:
     width = 4 if setup.precision == "fp32" else 2
     if setup.method != "qlora":
         return facts.num_params * width
-    from moekit.lora import QuantSpec, num_quantized_params
+    from moekit.lora import QuantSpec
 
-    num_quantized = num_quantized_params(as_config(setup.model))
+    num_quantized = _num_quantized_params(setup.model)
     quant = QuantSpec()
     return int(num_quantized * quant.bytes_per_param) + (facts.num_params - num_quantized) * width
+
+
+@disk_cached("quantized", int)
+def _num_quantized_params(model: str) -> int:
+    from moekit.lora import num_quantized_params
+    from moekit.models import as_config
+
+    return num_quantized_params(as_config(model))
 
 
 def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) -> ModelStates:
@@ -237,8 +251,8 @@ class Trainability:
     mlp_lora: bool  # dense models' gate/up/down_proj
 
 
-@functools.lru_cache(maxsize=256)
-def trainability(model: str, method: str, spec) -> Trainability:
+@disk_cached("trainability", lambda data: Trainability(**data))
+def trainability(model: str, method: str, spec: LoraSpec) -> Trainability:
     if method == "full":
         return Trainability(True, 0, False, False, False, False, False)
     from moekit.lora import resolve_targets
@@ -394,7 +408,13 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     num_layers: estimate a model truncated to this many decoder layers (to compare with a truncated
     simulation or GPU measurement); default: the whole model.
     """
+    if not isinstance(setup, TrainingSetup):
+        raise SetupError(
+            f"estimate takes a TrainingSetup, got {type(setup).__name__} {setup!r}; "
+            "e.g. estimate(TrainingSetup(model='mixtral-8x7b'))."
+        )
     f = facts_for(setup, num_layers)
+    check_seq_len(setup, f)
     num_trainable = num_trainable_params(setup, f)
     states = model_states(setup, f, num_trainable)
     activations, recomputed = activation_bytes(setup, f.num_layers)
@@ -438,7 +458,17 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         total_bytes=allocated + per_gpu["overhead"],
         gpu_memory_bytes=setup.gpu_memory_bytes,
         notes=notes,
+        host_memory_bytes=setup.host_memory_bytes,
     )
+
+
+def check_seq_len(setup: TrainingSetup, facts: ModelFacts) -> None:
+    """A sequence longer than the model's positions is not a run anyone can train: refuse it."""
+    if facts.max_positions and setup.seq_len > facts.max_positions:
+        raise SetupError(
+            f"seq_len={setup.seq_len} is longer than {setup.model}'s {facts.max_positions:,} positions "
+            f"(max_position_embeddings); use a sequence length <= {facts.max_positions}."
+        )
 
 
 def host_or_nvme(setup: TrainingSetup, offloaded_bytes: dict[str, int]) -> tuple[dict[str, int], dict[str, str]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.errors import MoekitError
+from moekit.errors import RunFailure
 from moekit.models import component_of, logical_numel
 from moekit.training_setup import TrainingSetup
 
@@ -28,7 +28,7 @@ MOVE_TOLERANCE = 1e-12
 FINGERPRINT_CHUNK = 1 << 24
 
 
-class TrainingGuardError(MoekitError):
+class TrainingGuardError(RunFailure):
     """Weights the setup says are trainable did not change (or frozen ones did)."""
 
 

@@ -14,8 +14,11 @@ On a machine without GPUs the same ``deepspeed --num_gpus N`` command starts N C
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -51,6 +54,22 @@ class TrainArgs:
     weights: str | None = None
     lr: float | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """The one check of a run's arguments (``moekit train``, ``moekit launch`` and ``train()`` use it)."""
+        for name, minimum, meaning in (("steps", 1, "a positive number of optimizer steps"),
+                                       ("save_every", 0, "0 (only at the end) or a positive number of steps"),
+                                       ("seed", 0, "a whole number >= 0")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise LaunchError(f"{name} must be {meaning}, got {value!r}.")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not math.isfinite(self.lr) or self.lr <= 0):
+            raise LaunchError(f"the learning rate must be a finite positive number, got {self.lr!r}; e.g. 2e-4 for LoRA.")
+        for name in ("data", "weights"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise LaunchError(f"{name} must be a path, got {value!r}.")
 
     def argv(self) -> list[str]:
         args = ["--steps", str(self.steps), "--save-every", str(self.save_every), "--seed", str(self.seed)]
@@ -137,8 +156,9 @@ class LaunchPlan:
 
     def write(self) -> dict[str, Path]:
         """Write the setup, the DeepSpeed config and (several nodes) the hostfile into run_dir."""
-        from moekit.train import save_setup
+        from moekit.train import check_run_folder, save_setup
 
+        check_run_folder(self.run_dir, self.setup, resume=True)  # never overwrite another run's setup
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_setup(self.setup, self.files["setup"])
         self.files["ds_config"].write_text(json.dumps(self.ds_config, indent=2) + "\n")
@@ -183,11 +203,7 @@ def launch(
     from moekit.train import DEFAULT_LR, training_config
     from moekit.zero import ds_config
 
-    hosts = list(hosts) if hosts else [f"node{i + 1}" for i in range(setup.num_nodes)]
-    if len(hosts) != setup.num_nodes:
-        raise LaunchError(f"{len(hosts)} hosts given ({', '.join(hosts)}) for a setup of {setup.num_nodes} nodes; give one host per node.")
-    if not 0 < master_port < 65536:
-        raise LaunchError(f"master_port must be a TCP port (1-65535), got {master_port}.")
+    hosts = check_hosts(setup, hosts, master_addr, master_port)
     train_args = train_args or TrainArgs()
     lr = train_args.lr if train_args.lr is not None else DEFAULT_LR[setup.method]
     config = training_config(setup, lr, ds_config(setup, preset))
@@ -195,6 +211,45 @@ def launch(
     if check_fit:
         plan.fits, plan.fit_note = fit_verdict(setup)
     return plan
+
+
+def check_hosts(setup: TrainingSetup, hosts: list[str] | None, master_addr: str | None = None,
+                master_port: int = DEFAULT_MASTER_PORT) -> list[str]:
+    """The hosts, one per node (default node1, node2, ...), once their names and the master's are checked."""
+    if not isinstance(setup, TrainingSetup):
+        raise LaunchError(f"launch takes a TrainingSetup, got {type(setup).__name__}; e.g. launch(TrainingSetup(model='tiny')).")
+    hosts = list(hosts) if hosts else [f"node{i + 1}" for i in range(setup.num_nodes)]
+    for host in hosts + ([master_addr] if master_addr is not None else []):
+        check_hostname(host)
+    if len(set(hosts)) != len(hosts):
+        raise LaunchError(f"hosts repeat a name ({', '.join(hosts)}); give each node once.")
+    if len(hosts) != setup.num_nodes:
+        raise LaunchError(f"{len(hosts)} hosts given ({', '.join(hosts)}) for a setup of {setup.num_nodes} nodes; give one host per node.")
+    if not isinstance(master_port, int) or isinstance(master_port, bool) or not 0 < master_port < 65536:
+        raise LaunchError(f"master_port must be a TCP port (1-65535), got {master_port}.")
+    return hosts
+
+
+#: One DNS label (RFC 1123): letters, digits and inner hyphens, at most 63 characters.
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_hostname(host: object) -> str:
+    """A host name (RFC 1123) or an IP address, else LaunchError: hosts go verbatim into DeepSpeed's hostfile,
+    which its launcher hands to ssh/pdsh, so ``;``, ``$(...)`` or spaces must never reach it."""
+    if isinstance(host, str):
+        try:
+            ipaddress.ip_address(host)
+            return host
+        except ValueError:
+            pass
+        labels = host.removesuffix(".").split(".")
+        if 0 < len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels):
+            return host
+    raise LaunchError(
+        f"{host!r} is not a host name or IP address; use names like node1 or gpu-01.example.org "
+        "(letters, digits, '-' and '.'), one per node, comma-separated."
+    )
 
 
 def fit_verdict(setup: TrainingSetup) -> tuple[bool | None, str]:
@@ -205,9 +260,8 @@ def fit_verdict(setup: TrainingSetup) -> tuple[bool | None, str]:
         return None, "no memory estimate available (moekit.estimate missing): the fit check is skipped"
     breakdown = estimate(setup)
     gib = 2**30
-    verdict = "fits" if breakdown.fits else "DOES NOT FIT"
     note = (
-        f"estimate: {breakdown.total_bytes / gib:.1f} GiB per GPU of {setup.gpu_memory_gb:g} GB -> {verdict}"
+        f"estimate: {breakdown.total_bytes / gib:.1f} GiB per GPU of {setup.gpu_memory_gb:g} GB -> {breakdown.verdict()}"
         f" (largest: {breakdown.largest_category()})"
     )
     return breakdown.fits, note

@@ -12,13 +12,13 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from moekit.catalog import list_presets, preset_description, preset_dir  # noqa: F401 (re-exported)
 from moekit.errors import MoekitError
 
 Device = Literal["meta", "cpu", "fake"]
@@ -55,19 +55,7 @@ class ModelError(MoekitError):
 # --------------------------------------------------------------------------------------------
 
 
-def _preset_dir() -> Path:
-    return Path(str(resources.files("moekit") / "presets" / "models"))
-
-
-def list_presets() -> list[str]:
-    """Names of the bundled model presets, sorted."""
-    return sorted(p.stem for p in _preset_dir().glob("*.json"))
-
-
-def preset_description(name: str) -> str:
-    """The one-line description stored with a preset."""
-    data = json.loads((_preset_dir() / f"{name}.json").read_text())
-    return data.get("_moekit_description", "")
+_preset_dir = preset_dir  # list_presets, preset_description and preset_dir live in moekit.catalog (no torch)
 
 
 def _config_from_dict(data: dict, source: str) -> PretrainedConfig:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.estimate import estimate, model_facts, num_trainable_params
-from moekit.training_setup import METHODS, LoraSpec, SetupError, TrainingSetup
+from moekit.training_setup import METHODS, OFFLOADS, PRECISIONS, LoraSpec, SetupError, TrainingSetup
 
 # ---------------------------------------------------------------------------------------------
 # A relative step-time model
@@ -116,9 +116,27 @@ class Constraints:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
-        unknown = set(self.methods) - set(METHODS)
-        if unknown:
-            raise SetupError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}.")
+        # The hardware and sequence fields obey the setup's own rules (one home for them).
+        TrainingSetup(model=self.model, gpus_per_node=self.gpus_per_node, num_nodes=self.num_nodes,
+                      gpu_memory_gb=self.gpu_memory_gb, host_memory_gb=self.host_memory_gb, seq_len=self.seq_len,
+                      attn_implementation=self.attn_implementation)
+        for name, allowed in (("methods", METHODS), ("precisions", PRECISIONS), ("offloads", OFFLOADS)):
+            values = getattr(self, name)
+            if isinstance(values, str) or not values or set(values) - set(allowed):
+                raise SetupError(f"{name} must be a non-empty tuple from {', '.join(allowed)}; got {values!r}.")
+        for name in ("lora_ranks", "micro_batches"):
+            values = getattr(self, name)
+            if (isinstance(values, (str, int)) or not values
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+                raise SetupError(f"{name} must be a non-empty tuple of positive whole numbers, e.g. (8, 16); got {values!r}.")
+        if not self.lora_targets or isinstance(self.lora_targets, str):
+            raise SetupError(f"lora_targets must be a tuple of target tuples, e.g. (('attention', 'experts'),); got "
+                             f"{self.lora_targets!r}.")
+        if self.global_batch is not None and (not isinstance(self.global_batch, int) or isinstance(self.global_batch, bool)
+                                              or self.global_batch <= 0):
+            raise SetupError(f"global_batch must be a positive whole number of sequences, got {self.global_batch!r}.")
+        if self.min_seq_len is not None and (not isinstance(self.min_seq_len, int) or isinstance(self.min_seq_len, bool)):
+            raise SetupError(f"min_seq_len must be a whole number of tokens, got {self.min_seq_len!r}.")
         if self.min_seq_len is not None and not 0 < self.min_seq_len <= self.seq_len:
             raise SetupError(f"min_seq_len={self.min_seq_len} must be between 1 and seq_len={self.seq_len}.")
 
@@ -148,7 +166,7 @@ class Candidate:
 
     @property
     def fits(self) -> bool:
-        return bool(self.breakdown.fits) and _host_fits(self.setup, self.breakdown)
+        return bool(self.breakdown.fits)
 
     def as_dict(self) -> dict:
         return {
@@ -158,12 +176,6 @@ class Candidate:
             "step_time_s": self.time.total_s,
             "fits": self.fits,
         }
-
-
-def _host_fits(setup: TrainingSetup, breakdown: Breakdown) -> bool:
-    if setup.host_memory_bytes is None:
-        return True
-    return sum(breakdown.per_host.values()) <= setup.host_memory_bytes
 
 
 def candidate_setups(constraints: Constraints) -> list[TrainingSetup]:
@@ -216,8 +228,18 @@ class PlanResult:
         )
 
 
+#: How plan() orders the setups that fit (printed with the results; ``_rank_key`` implements it).
+RANKING = ("longest sequence first, then the shortest modelled step time (a relative A100-class model from "
+           "FLOPs and bandwidths, for ranking only: not a promise of seconds), then the most trainable "
+           "parameters, then the most headroom")
+
+
 def plan(constraints: Constraints, *, top: int | None = None) -> PlanResult:
     """Search every knob combination with ``estimate``; rank what fits by sequence length, then step time."""
+    if not isinstance(constraints, Constraints):
+        raise MoekitError(f"plan takes Constraints, got {type(constraints).__name__}; e.g. plan(Constraints(model='tiny')).")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top <= 0):
+        raise MoekitError(f"top must be a positive number of setups to return, got {top!r}.")
     candidates = [Candidate(s, estimate(s), step_time(s)) for s in candidate_setups(constraints)]
     if not candidates:
         raise MoekitError(
@@ -283,6 +305,9 @@ def mitigations(min_seq_len: int | None = None) -> dict[str, Mitigation]:
     return {m.name: m for m in items}
 
 
+#: The mitigations that move states to CPU RAM (left out when offloading is not allowed).
+OFFLOAD_MITIGATIONS = ("zero2_offload", "zero3_offload")
+
 ARTICLE_ORDER = ("lora", "lower_rank", "shorter_sequences", "micro_batch_1", "mixed_precision", "zero2",
                  "zero2_offload", "zero3", "zero3_offload", "checkpointing")
 
@@ -299,7 +324,7 @@ class Rung:
 
     @property
     def fits(self) -> bool:
-        return bool(self.breakdown.fits) and _host_fits(self.setup, self.breakdown)
+        return bool(self.breakdown.fits)
 
     def as_dict(self) -> dict:
         return {
@@ -348,25 +373,48 @@ def ladder(
     return rungs
 
 
+def first_advice(breakdown: Breakdown) -> str:
+    """The first thing to change when a setup does not fit, following the numbers.
+
+    When the weights alone exceed the card, nothing else can help until they are partitioned (ZeRO-3),
+    offloaded or quantized (QLoRA); otherwise the largest category is the one to attack.
+    """
+    gib, weights = 2**30, breakdown.per_gpu["weights"]
+    if breakdown.gpu_memory_bytes is not None and weights >= breakdown.gpu_memory_bytes:
+        return (f"the weights alone ({weights / gib:.1f} GiB per GPU) exceed the {breakdown.gpu_memory_bytes / gib:.0f} "
+                "GiB card: partition them with ZeRO-3 (--zero 3), offload them (--offload optimizer+params) or "
+                "quantize them (--method qlora) first")
+    if breakdown.host_fits is False and breakdown.gpu_fits:
+        return (f"host RAM is short ({breakdown.host_bytes / gib:.1f} GiB offloaded per node of "
+                f"{breakdown.host_memory_bytes / gib:.1f}): offload less, or use more nodes")
+    return f"largest category: {breakdown.largest_category()} -- attack that first"
+
+
 def as_json(result: PlanResult, rungs: list[Rung]) -> dict:
     """The ``moekit plan --json`` document."""
     return {
         "fits": [c.as_dict() for c in result.fits],
         "closest": result.closest.as_dict(),
         "verdict": result.verdict(),
+        "ranking": RANKING,
         "ladder": [r.as_dict() for r in rungs],
     }
 
 
 def constraints_from_setup(setup: TrainingSetup, **overrides) -> Constraints:
-    """Constraints matching a setup's hardware, model and sequence length."""
+    """Constraints matching a setup's hardware, model, sequence length and LoRA rank.
+
+    The search keeps the setup's LoRA rank (pass ``lora_ranks=(8, 16, 64)`` to let it choose): a planner that
+    silently trades the user's r=16 for r=64 changes the experiment, not only its memory.
+    """
     base = Constraints(
         model=setup.model, gpus_per_node=setup.gpus_per_node, num_nodes=setup.num_nodes,
         gpu_memory_gb=setup.gpu_memory_gb, host_memory_gb=setup.host_memory_gb, seq_len=setup.seq_len,
         global_batch=setup.global_batch, attn_implementation=setup.attn_implementation, precisions=(setup.precision,),
+        lora_ranks=(setup.lora.r,),
     )
     return dataclasses.replace(base, **overrides)
 
 
 __all__ = ["Constraints", "Candidate", "PlanResult", "Rung", "StepTime", "ARTICLE_ORDER", "plan", "ladder",
-           "mitigations", "step_time", "constraints_from_setup", "as_json"]
+           "mitigations", "step_time", "constraints_from_setup", "as_json", "first_advice", "RANKING"]

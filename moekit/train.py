@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from moekit.data import BatchOrder, TokenizedData
-from moekit.errors import MoekitError
+from moekit.errors import Interrupted, MoekitError, RunFailure
 from moekit.guard import (
     GuardCheck,
     ParamGroup,
@@ -62,7 +62,7 @@ from moekit.guard import (
     lora_components,
     param_groups,
 )
-from moekit.launch import free_port
+from moekit.launch import TrainArgs, free_port
 from moekit.training_setup import LoraSpec, TrainingSetup
 
 #: Learning rates for real fine-tuning; tiny lesson models learn visibly with 1e-3 (full) to 1e-2 (LoRA).
@@ -71,6 +71,10 @@ DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 
 class TrainingError(MoekitError):
     """A training run that cannot start or continue as asked; the message says what to change."""
+
+
+class TrainingFailed(TrainingError, RunFailure):
+    """The run started and then failed (a non-finite loss); the message says what to try next."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +93,93 @@ def load_setup(path: str | Path) -> TrainingSetup:
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"setup file {path} does not exist; write one with moekit.train.save_setup(setup, path).")
-    return TrainingSetup.from_dict(json.loads(path.read_text()))
+    try:
+        return TrainingSetup.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as err:  # bad JSON, not UTF-8, wrong field types
+        raise TrainingError(f"setup file {path} is not a moekit setup ({err}); remove it or write it with save_setup.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: one run per folder, never two mixed
+# --------------------------------------------------------------------------------------------
+
+#: What a moekit run writes into its folder (a folder holding only these is a moekit run); launcher.log is
+#: where moekit.lessons sends the launcher's output, accelerate.yaml the config ``moekit launch`` writes for
+#: ``accelerate launch``.
+RUN_FILES = ("setup.json", "ds_config.json", "hostfile", "accelerate.yaml", "launcher.log", "log.jsonl",
+             "guard.jsonl", "checkpoints")
+#: The files that hold a run's progress: a folder with none of them was only prepared (``moekit launch``).
+PROGRESS_FILES = ("log.jsonl", "guard.jsonl", "checkpoints")
+
+
+#: Setup fields that describe the hardware the fit is checked against, not the run: they may change on resume.
+FIT_ONLY_FIELDS = ("gpu_memory_gb", "host_memory_gb")
+
+
+def setup_differences(old: TrainingSetup, new: TrainingSetup) -> list[str]:
+    """``field old -> new`` for every field that changes the run (LoRA fields as ``lora.r``)."""
+
+    def flat(setup: TrainingSetup) -> dict:
+        data = setup.as_dict()
+        lora = data.pop("lora")
+        return {**data, **{f"lora.{k}": v for k, v in lora.items()}}
+
+    before, after = flat(old), flat(new)
+    return [f"{key} {before[key]!r} -> {after[key]!r}" for key in before
+            if before[key] != after[key] and key not in FIT_ONLY_FIELDS]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """What is in a run folder before a run starts, and what the run will do with it."""
+
+    path: Path
+    start_step: int  # the checkpoint the run resumes from (0: a new run)
+    move_aside_to: Path | None = None  # --no-resume on an old run: where the old run goes
+
+
+def check_run_folder(output_dir: str | Path, setup: TrainingSetup, *, resume: bool) -> RunFolder:
+    """Refuse (TrainingError) before anything is written when this run would mix with another one.
+
+    - the folder is a file, or cannot be created or written;
+    - it holds files that are not a moekit run (a run would scatter its files among them);
+    - resume: the folder's run was made with another setup (the differing fields are named);
+    - no resume: a run that made progress is moved aside to a named folder, never emptied in place.
+    """
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise TrainingError(f"output folder {path} is a file; give a folder path (it is created if missing).")
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise TrainingError(f"output folder {path} would be inside the file {existing}; give a folder path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"cannot write into {existing}; choose an output folder you may write to.")
+    if not path.is_dir() or not any(path.iterdir()):
+        return RunFolder(path, 0)
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+    if foreign or not (path / "setup.json").is_file():
+        shown = ", ".join(foreign[:3]) or "no setup.json"
+        raise TrainingError(f"{path} is not empty and not a moekit run ({shown}); choose a new or empty output folder.")
+    if not resume:
+        if not any((path / name).exists() for name in PROGRESS_FILES):
+            return RunFolder(path, 0)  # prepared by `moekit launch`, nothing run yet: nothing to move
+        aside = path.with_name(f"{path.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
+        return RunFolder(path, 0, move_aside_to=aside)
+    old = load_setup(path / "setup.json")
+    differences = setup_differences(old, setup)
+    if differences:
+        raise TrainingError(
+            f"{path} holds a run with another setup ({'; '.join(differences)}); resuming would mix two runs. Use the "
+            "same flags to resume it, another output folder for this setup, or --no-resume to move the old run aside."
+        )
+    return RunFolder(path, latest_checkpoint_step(path) or 0)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,11 +371,24 @@ def checkpoint_tag(step: int) -> str:
 
 
 def latest_checkpoint_step(output_dir: str | Path) -> int | None:
-    """The step of the newest complete checkpoint (DeepSpeed writes ``latest`` last), or None."""
-    latest = checkpoint_dir(Path(output_dir)) / "latest"
-    if not latest.is_file():
-        return None
-    return int(latest.read_text().strip().removeprefix("step"))
+    """The step of the newest checkpoint to resume from: the one ``latest`` names (DeepSpeed writes it
+    last), or the newest step folder when ``latest`` is unreadable or names a missing folder; None if none."""
+    steps = checkpoint_steps(output_dir)
+    return steps[0] if steps else None
+
+
+def checkpoint_steps(output_dir: str | Path) -> list[int]:
+    """Checkpoint steps to try, best first: the one ``latest`` names, then every older step folder."""
+    folder = checkpoint_dir(Path(output_dir))
+    if not (folder / "latest").is_file():
+        return []  # DeepSpeed writes latest after its files: without it no checkpoint was completed
+    found = sorted((int(p.name.removeprefix("step")) for p in folder.glob("step*") if p.is_dir()
+                    and p.name.removeprefix("step").isdigit()), reverse=True)
+    try:
+        named = int((folder / "latest").read_text().strip().removeprefix("step"))
+    except (OSError, ValueError):
+        named = None
+    return [named] + [s for s in found if s < named] if named in found else found
 
 
 def save_checkpoint(engine, setup: TrainingSetup, output_dir: Path, step: int) -> Path:
@@ -318,15 +421,28 @@ def save_hf_weights(engine, setup: TrainingSetup, folder: Path) -> None:
     dist.barrier()
 
 
-def resume_from(engine, output_dir: Path, setup: TrainingSetup) -> int:
-    """Load the latest checkpoint into the engine; return the step it was saved at (0 when there is none)."""
-    step = latest_checkpoint_step(output_dir)
-    if step is None:
-        return 0
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(output_dir)), load_module_strict=not setup.uses_lora)
-    if path is None:
-        raise TrainingError(f"DeepSpeed could not load the checkpoint in {checkpoint_dir(output_dir)}; remove it or set resume=False.")
-    return int(client_state["step"])
+def resume_from(engine, output_dir: Path, setup: TrainingSetup, say: Callable[[str], None] = print) -> int:
+    """Load the newest readable checkpoint into the engine; return its step (0 when there is none).
+
+    A checkpoint that fails to load on any rank (a truncated file, ``latest`` naming a missing folder) is
+    skipped for the previous one, on every rank together, and the skip is said.
+    """
+    steps = checkpoint_steps(output_dir)
+    for step in steps:
+        try:
+            path, client_state = engine.load_checkpoint(str(checkpoint_dir(output_dir)), tag=checkpoint_tag(step),
+                                                        load_module_strict=not setup.uses_lora)
+            loaded = path is not None and int(client_state["step"]) == step
+            problem = "DeepSpeed found no checkpoint there"
+        except Exception as err:  # torch.load / DeepSpeed raise many kinds on a damaged file
+            loaded, problem = False, f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+        if _all_ranks(float(loaded), "min") == 1.0:
+            return step
+        say(f"checkpoint {checkpoint_tag(step)} cannot be loaded ({problem}); falling back to the previous one")
+    if steps:
+        raise TrainingError(f"no checkpoint in {checkpoint_dir(output_dir)} can be loaded; use --no-resume to start over "
+                            "(the old run is moved aside).")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,11 +464,12 @@ def memory_now(device: torch.device) -> tuple[int, str]:
 def _all_ranks(value: float, op: str) -> float:
     import torch.distributed as dist
 
-    tensor = torch.tensor([value], dtype=torch.float64)
+    sign = -1.0 if op == "min" else 1.0  # min(x) = -max(-x): gloo and NCCL both have MAX
+    tensor = torch.tensor([sign * value], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return float(tensor.item()) / (1 if op == "max" else dist.get_world_size())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "mean" else dist.ReduceOp.MAX)
+    return sign * float(tensor.item()) / (dist.get_world_size() if op == "mean" else 1)
 
 
 def read_log(output_dir: str | Path) -> list[dict]:
@@ -372,7 +489,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 def _append_json(path: Path, record: dict) -> None:
     with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(json.dumps(record, allow_nan=False) + "\n")  # NaN is not JSON: never write it
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,45 +551,101 @@ def train(
     the guard fire). kill_after_checkpoint: SIGKILL every rank right after saving that step (a
     resume drill).
     """
-    if steps <= 0:
-        raise TrainingError(f"steps must be positive, got {steps}.")
-    if save_every < 0:
-        raise TrainingError(f"save_every must be 0 (only at the end) or a positive number of steps, got {save_every}.")
+    folder = check_train_inputs(setup, data, steps=steps, output_dir=output_dir, save_every=save_every, resume=resume,
+                                seed=seed, weights=weights, lr=lr, zero_init=zero_init)
     zero_init = setup.zero_stage == 3 if zero_init is None else zero_init
-    if zero_init and setup.zero_stage != 3:
-        raise TrainingError(f"zero_init builds the model partitioned, which only ZeRO-3 does; the setup is ZeRO-{setup.zero_stage}.")
     check_precision_supported(setup.precision)
     rank, world_size = init_distributed()
-    return _train_rank(setup, data, rank, world_size, steps=steps, output_dir=Path(output_dir), save_every=save_every,
-                           resume=resume, seed=seed, weights=weights, lr=lr, zero_init=zero_init, check_frozen=check_frozen,
-                           config=config, model_hook=model_hook, kill_after_checkpoint=kill_after_checkpoint, progress=progress)
+    return _train_rank(setup, data, rank, world_size, steps=steps, folder=folder, save_every=save_every,
+                       seed=seed, weights=weights, lr=lr, zero_init=zero_init, check_frozen=check_frozen,
+                       config=config, model_hook=model_hook, kill_after_checkpoint=kill_after_checkpoint, progress=progress)
 
 
-def _train_rank(setup: TrainingSetup, data, rank: int, world_size: int, *, steps: int, output_dir: Path, save_every: int,
-                resume: bool, seed: int, weights, lr: float | None, zero_init: bool, check_frozen: bool, config: dict | None,
+def check_train_inputs(setup: TrainingSetup, data: str | Path | None = None, *, steps: int = 20,
+                       output_dir: str | Path = "runs/moekit", save_every: int = 0, resume: bool = True, seed: int = 0,
+                       weights: str | Path | None = None, lr: float | None = None, zero_init: bool | None = None) -> RunFolder:
+    """Every check of ``train``'s inputs, before anything is written or DeepSpeed is imported; the run folder.
+
+    The run arguments (``TrainArgs``), the data file (read once), the weights folder, the run folder
+    (``check_run_folder``) and, on the CPU, whether the model can be built in this machine's RAM.
+    """
+    if not isinstance(setup, TrainingSetup):
+        raise TrainingError(f"train takes a TrainingSetup, got {type(setup).__name__}; e.g. train(TrainingSetup(model='tiny')).")
+    TrainArgs(steps=steps, save_every=save_every, data=data, weights=weights, lr=lr, seed=seed)  # raises on bad values
+    if zero_init and setup.zero_stage != 3:
+        raise TrainingError(f"zero_init builds the model partitioned, which only ZeRO-3 does; the setup is ZeRO-{setup.zero_stage}.")
+    if data is not None:
+        from moekit.data import load_documents
+
+        load_documents(data)  # a missing, non-UTF-8 or malformed file is refused here
+    weights_folder(setup, weights)  # raises when the folder is missing
+    folder = check_run_folder(output_dir, setup, resume=resume)
+    check_fits_this_machine(setup_for_world(setup, int(os.environ.get("WORLD_SIZE", "1"))))
+    return folder
+
+
+def check_fits_this_machine(setup: TrainingSetup) -> None:
+    """On the CPU, refuse a run whose model clearly cannot be built in this machine's RAM (before building it).
+
+    Uses ``moekit.profile``'s deliberately rough upper bound, the one ``moekit measure`` refuses with; every
+    rank on this machine needs its own copy. On GPUs ``moekit launch`` checks the estimate before starting.
+    """
+    if torch.cuda.is_available():  # DeepSpeed picks its CUDA accelerator then
+        return
+    import psutil
+
+    from moekit.profile import _FIT_MARGIN, rough_step_bytes
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", setup.world_size if setup.num_nodes == 1 else 1))
+    need = int(rough_step_bytes(setup) * _FIT_MARGIN) * local_ranks
+    free = psutil.virtual_memory().available
+    if need > free:
+        gib = 2**30
+        raise TrainingError(
+            f"training {setup.describe()} here needs roughly {need / gib:.1f} GiB of RAM for {local_ranks} CPU rank(s) "
+            f"but {free / gib:.1f} GiB is available; train a small preset here (--model tiny or small) or run on GPUs "
+            "(moekit launch)."
+        )
+
+
+def _train_rank(setup: TrainingSetup, data, rank: int, world_size: int, *, steps: int, folder: RunFolder, save_every: int,
+                seed: int, weights, lr: float | None, zero_init: bool, check_frozen: bool, config: dict | None,
                 model_hook, kill_after_checkpoint: int | None, progress: bool) -> TrainResult:
-    """train() for this rank, once the process group exists."""
+    """train() for this rank, once the process group exists and the run folder was checked."""
+    import torch.distributed as dist
+
+    output_dir = folder.path
     run_setup = setup_for_world(setup, world_size)
     lr = DEFAULT_LR[setup.method] if lr is None else lr
     ds_config = training_config(run_setup, lr, config)
-    folder = weights_folder(setup, weights)
+    weights_path = weights_folder(setup, weights)
+    say = print if rank == 0 else (lambda message: None)
+    if folder.start_step >= steps:
+        say(f"moekit train: {output_dir} is already at step {folder.start_step}: nothing to do "
+            f"(ask for more than {folder.start_step} steps to train further).")
+        return TrainResult(output_dir, folder.start_step, folder.start_step, world_size=world_size)
     if rank == 0:
+        if folder.move_aside_to is not None:
+            output_dir.rename(folder.move_aside_to)
+            say(f"moekit train: moved the old run in {output_dir} to {folder.move_aside_to}; starting a new run.")
         _write_run_files(output_dir, setup, ds_config, world_size)
+    dist.barrier()  # the folder is ready before any rank reads it
 
     # Resolve LoRA targets before building: under zero.Init the weights look empty, and a meta-device
     # build for the inventory must not happen while transformers sees a ZeRO-3 config.
     wanted = lora_components(run_setup)
     lora_config = _peft_config(run_setup) if zero_init and run_setup.uses_lora else None
     with zero3_build_context(ds_config, zero_init):
-        model = prepare_model(build_base_model(run_setup, folder, seed), run_setup, lora_config)
+        model = prepare_model(build_base_model(run_setup, weights_path, seed), run_setup, lora_config)
         groups = param_groups(model, run_setup)
         check_lora_coverage(groups, wanted)
         if model_hook is not None:
             model_hook(model)
         engine = _initialize(model, ds_config)
-        return _run(engine, run_setup, groups, _batches(run_setup, data, folder, model.config, seed, world_size),
-                    steps=steps, output_dir=output_dir, save_every=save_every, resume=resume,
-                    check_frozen=check_frozen, kill_after_checkpoint=kill_after_checkpoint, progress=progress and rank == 0)
+        return _run(engine, run_setup, groups, _batches(run_setup, data, weights_path, model.config, seed, world_size),
+                    steps=steps, output_dir=output_dir, save_every=save_every, resume=folder.start_step > 0,
+                    check_frozen=check_frozen, kill_after_checkpoint=kill_after_checkpoint, progress=progress and rank == 0,
+                    say=say)
 
 
 def _write_run_files(output_dir: Path, setup: TrainingSetup, ds_config: dict, world_size: int) -> None:
@@ -537,46 +710,58 @@ def _batches(setup: TrainingSetup, data, folder, model_config, seed: int, world_
 
 
 def _run(engine, setup: TrainingSetup, groups: list[ParamGroup], batches: _Batches, *, steps: int, output_dir: Path,
-         save_every: int, resume: bool, check_frozen: bool, kill_after_checkpoint: int | None, progress: bool) -> TrainResult:
+         save_every: int, resume: bool, check_frozen: bool, kill_after_checkpoint: int | None, progress: bool,
+         say: Callable[[str], None] = print) -> TrainResult:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    start = resume_from(engine, output_dir, setup) if resume else 0
+    start = resume_from(engine, output_dir, setup, say) if resume else 0
+    if start:
+        say(f"moekit train: resuming from step {start} in {output_dir}")
     log_path, guard_path = output_dir / "log.jsonl", output_dir / "guard.jsonl"
     if rank == 0:
         _truncate_log(log_path, start)
+        _truncate_log(guard_path, start)
     result = TrainResult(output_dir, start, start, world_size=world_size)
     guard = TrainingGuard(engine.module, groups, check_frozen, engine.optimizer)
     first_check_done, applied_since_check = False, False
     device = engine.device
-    for step in tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="moekit train"):
-        began = time.perf_counter()
-        loss = _optimizer_step(engine, batches, step, rank, setup.grad_accum, device)
-        memory_bytes, memory_kind = memory_now(torch.device(device))
-        record = {"step": step + 1, "loss": _all_ranks(loss, "mean"), "lr": float(engine.get_lr()[0]),
-                  "seconds": round(time.perf_counter() - began, 4), "memory_bytes": int(_all_ranks(memory_bytes, "max")),
-                  "memory_kind": memory_kind, "step_applied": bool(engine.was_step_applied())}
-        result.losses[step + 1] = record["loss"]
-        result.last_step = step + 1
-        if rank == 0:
-            _append_json(log_path, record)
-        if not math.isfinite(record["loss"]):
-            raise TrainingError(_non_finite_loss_message(record["loss"], step + 1, first=step == start))
-        checkpoint_now = step + 1 == steps or (save_every and (step + 1) % save_every == 0)
-        # fp16 skips steps whose gradients overflowed: only a step that was applied can move weights.
-        applied_since_check = applied_since_check or record["step_applied"]
-        if applied_since_check and (checkpoint_now or not first_check_done):
-            check = guard.check(step + 1)
-            first_check_done, applied_since_check = True, False
-            result.checks.append(check)
+    saved_step, step = start, start
+    try:
+        for step in tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="moekit train"):
+            began = time.perf_counter()
+            loss = _optimizer_step(engine, batches, step, rank, setup.grad_accum, device)
+            memory_bytes, memory_kind = memory_now(torch.device(device))
+            record = {"step": step + 1, "loss": _all_ranks(loss, "mean"), "lr": float(engine.get_lr()[0]),
+                      "seconds": round(time.perf_counter() - began, 4), "memory_bytes": int(_all_ranks(memory_bytes, "max")),
+                      "memory_kind": memory_kind, "step_applied": bool(engine.was_step_applied())}
+            if not math.isfinite(record["loss"]):  # checked before logging: NaN is not JSON
+                raise TrainingFailed(_non_finite_loss_message(record["loss"], step + 1, first=step == start))
+            result.losses[step + 1] = record["loss"]
+            result.last_step = step + 1
             if rank == 0:
-                _append_json(guard_path, check.as_dict())
-        if checkpoint_now:
-            save_checkpoint(engine, setup, output_dir, step + 1)
-            if kill_after_checkpoint == step + 1:
-                dist.barrier()
-                os.kill(os.getpid(), signal.SIGKILL)
+                _append_json(log_path, record)
+            checkpoint_now = step + 1 == steps or (save_every and (step + 1) % save_every == 0)
+            # fp16 skips steps whose gradients overflowed: only a step that was applied can move weights.
+            applied_since_check = applied_since_check or record["step_applied"]
+            if applied_since_check and (checkpoint_now or not first_check_done):
+                check = guard.check(step + 1)
+                first_check_done, applied_since_check = True, False
+                result.checks.append(check)
+                if rank == 0:
+                    _append_json(guard_path, check.as_dict())
+            if checkpoint_now:
+                save_checkpoint(engine, setup, output_dir, step + 1)
+                saved_step = step + 1
+                if kill_after_checkpoint == step + 1:
+                    dist.barrier()
+                    os.kill(os.getpid(), signal.SIGKILL)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted at step {step + 1}; rerun the same command to resume from step {saved_step}"
+            + ("" if saved_step else " (no checkpoint yet: it starts again; --save-every N saves more often)")
+        ) from None
     return result
 
 
@@ -637,13 +822,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         setup = load_setup(args.setup_json)
-        config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else None
+        config = read_ds_config(args.ds_config) if args.ds_config else None
         result = train(
             setup, args.data, steps=args.steps, output_dir=args.output_dir, save_every=args.save_every,
             resume=not args.no_resume, seed=args.seed, weights=args.weights, lr=args.lr,
             zero_init={"auto": None, "on": True, "off": False}[args.zero_init], check_frozen=args.check_frozen,
             config=config, kill_after_checkpoint=args.kill_after_checkpoint, progress=not args.no_progress,
         )
+    except Interrupted as err:
+        print(f"moekit train: error: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("moekit train: error: interrupted before training started; rerun the same command", file=sys.stderr)
+        return 130
+    except RunFailure as err:
+        print(f"moekit train: error: {err}", file=sys.stderr)
+        return 1
     except MoekitError as err:
         print(f"moekit train: error: {err}", file=sys.stderr)
         return 2
@@ -652,6 +846,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moekit train: steps {result.start_step + 1}-{result.last_step}, loss {result.losses[result.last_step]:.4f}, "
               f"log {result.log_path}")
     return 0
+
+
+def read_ds_config(path: str | Path) -> dict:
+    """A DeepSpeed JSON file, or TrainingError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # missing, unreadable, not UTF-8, not JSON
+        raise TrainingError(f"cannot read the DeepSpeed config {path} ({err}); write it with `moekit ds-config --out`.") from None
 
 
 def exit_now(code: int) -> None:

@@ -7,6 +7,7 @@ simulate, measure, ds_config, train, launch, plan) takes it. Make variants with 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,8 +50,13 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
-        else:
+        elif isinstance(self.targets, (list, tuple)) and all(isinstance(t, str) for t in self.targets):
             object.__setattr__(self, "targets", tuple(self.targets))
+        else:
+            raise SetupError(f"LoRA targets must be names, e.g. ('attention', 'experts'); got {self.targets!r}.")
+        _check_int("LoRA rank r", self.r, "try r=8 or r=16")
+        _check_int("lora_alpha", self.alpha, "the usual choice is 2*r")
+        _check_number("LoRA dropout", self.dropout, "0.0 or 0.1")
         if self.r <= 0:
             raise SetupError(f"LoRA rank r must be a positive integer, got r={self.r}; try r=8 or r=16.")
         if self.alpha <= 0:
@@ -85,12 +91,17 @@ class TrainingSetup:
     attn_implementation: Attention = "sdpa"
 
     def __post_init__(self) -> None:
+        _check_type("model", self.model, str, "a preset name such as 'mixtral-8x7b' or a local folder")
+        _check_type("lora", self.lora, LoraSpec, "LoraSpec(r=16, alpha=32)")
+        for name in ("activation_checkpointing", "packing"):
+            _check_type(name, getattr(self, name), bool, "True or False")
+        _check_type("nvme_path", self.nvme_path, (str, type(None)), "a folder path or None")
         _check_choice("method", self.method, METHODS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("offload", self.offload, OFFLOADS)
         _check_choice("offload_device", self.offload_device, OFFLOAD_DEVICES)
         _check_choice("attn_implementation", self.attn_implementation, ATTENTIONS)
-        if self.zero_stage not in (0, 1, 2, 3):
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
             raise SetupError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}.")
         if self.offload != "none" and self.zero_stage == 0:
             raise SetupError(
@@ -114,10 +125,13 @@ class TrainingSetup:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SetupError(f"{name} must be a positive integer, got {value!r}.")
+        _check_number("gpu_memory_gb", self.gpu_memory_gb, "40")
         if self.gpu_memory_gb <= 0:
-            raise SetupError(f"gpu_memory_gb must be positive, got {self.gpu_memory_gb}.")
-        if self.host_memory_gb is not None and self.host_memory_gb <= 0:
-            raise SetupError(f"host_memory_gb must be positive, got {self.host_memory_gb}.")
+            raise SetupError(f"gpu_memory_gb must be positive, got {self.gpu_memory_gb}; e.g. 40 for an A100-40GB.")
+        if self.host_memory_gb is not None:
+            _check_number("host_memory_gb", self.host_memory_gb, "512")
+            if self.host_memory_gb <= 0:
+                raise SetupError(f"host_memory_gb must be positive (GB of RAM per node), got {self.host_memory_gb}.")
 
     # Derived values -------------------------------------------------------------------------
     @property
@@ -185,5 +199,22 @@ class TrainingSetup:
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise SetupError(f"{name} must be one of {', '.join(choices)}; got '{value}'.")
+
+
+def _check_type(name: str, value: object, types: type | tuple[type, ...], example: str) -> None:
+    if not isinstance(value, types):
+        raise SetupError(f"{name} must be {example}, got {value!r} ({type(value).__name__}).")
+
+
+def _check_int(name: str, value: object, hint: str) -> None:
+    """A whole number (not a float such as 8.5, not a bool): byte totals are counts of elements."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SetupError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}); {hint}.")
+
+
+def _check_number(name: str, value: object, example: str) -> None:
+    """A finite int or float (a string such as "40", nan or inf is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SetupError(f"{name} must be a finite number, got {value!r} ({type(value).__name__}); e.g. {example}.")

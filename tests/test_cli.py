@@ -53,3 +53,37 @@ def test_ds_config_stdout_is_pure_json_with_the_nvme_offload_flags():
 def test_nvme_offload_without_a_path_says_which_flag_is_missing(capsys):
     assert main(["estimate", "--zero", "3", "--offload", "optimizer+params", "--offload-device", "nvme"]) == 2
     assert "needs nvme_path" in capsys.readouterr().err
+
+
+def test_the_article_run_is_told_to_deal_with_its_weights_first(capsys):
+    assert main(["estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "the weights alone (87.4 GiB per GPU) exceed the 40 GiB card" in out and "ZeRO-3 (--zero 3)" in out
+    assert "largest category" not in out  # activations are larger, but nothing helps until the weights fit
+
+
+def test_host_ram_is_part_of_the_one_fit_verdict(capsys):
+    argv = ["estimate", "--zero", "3", "--offload", "optimizer+params", "--checkpointing", "--json"]
+    assert main([*argv, "--host-mem", "1"]) == 0
+    short = json.loads(capsys.readouterr().out)
+    assert (short["gpu_fits"], short["host_fits"], short["fits"]) == (True, False, False)
+    assert sum(short["per_host"].values()) > 80 * 2**30  # the offloaded weights alone
+    assert main([*argv, "--host-mem", "512"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True
+
+
+def test_plan_keeps_the_users_rank_unless_asked_and_says_how_it_ranks(capsys):
+    assert main(["plan", "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    ranks = {c["setup"]["lora"]["r"] for c in kept["fits"] if c["setup"]["method"] == "lora"}
+    assert ranks == {16} and "relative" in kept["ranking"] and "not a promise" in kept["ranking"]
+    assert main(["plan", "--json", "--ranks", "8,64", "--top", "50"]) == 0
+    asked = json.loads(capsys.readouterr().out)
+    assert {c["setup"]["lora"]["r"] for c in asked["fits"] if c["setup"]["method"] == "lora"} == {8, 64}
+
+
+def test_plan_no_offload_keeps_offload_out_of_the_search_and_the_ladder(capsys):
+    assert main(["plan", "--json", "--no-offload", "--top", "50"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {c["setup"]["offload"] for c in result["fits"]} == {"none"}
+    assert not [r for r in result["ladder"] if "offload" in r["change"]]
