@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
-from moekit.models import as_config, build_model, moe_shape, parameter_census, per_layer_census
+from moekit.arch import Arch, LayerArch, arch_of
+from moekit.models import as_config, config_with_layers, parameter_census
 from moekit.training_setup import TrainingSetup
 
 # ---------------------------------------------------------------------------------------------
@@ -50,8 +51,10 @@ ALLOCATOR_RESERVE_FRACTION = 0.05
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """Shapes and exact counts the memory model needs (from the config and a meta-device census)."""
+    """Shapes and exact counts the memory model needs, all read from ``moekit.arch`` (the model built
+    on the meta device): widths of one decoder layer and counts over the layers kept."""
 
+    arch: Arch
     num_layers: int
     hidden: int
     kv_hidden: int
@@ -64,63 +67,81 @@ class ModelFacts:
     shared_ffn: int
     dense_ffn: int
     num_params: int
-    num_params_per_layer: int
+    num_params_per_layer: int  # of an MoE layer (of layer 0 in a dense model)
     num_params_outside_layers: int
     num_expert_params_per_layer: int
     largest_module_params: int
     largest_param_per_layer: int
     second_largest_module_params: int
-    qk_norm: bool  # OLMoE normalizes q and k over the full projection
+    qk_norm: str  # "none", "head" (Qwen3, GLM, Hunyuan) or "full" (OLMoE)
     sliding_window: int | None  # Mistral attends to the last 4096 tokens only
     normalizes_top_k: bool  # Mixtral renormalizes the top-k router weights (one more saved tensor)
+
+    @property
+    def layers(self) -> tuple[LayerArch, ...]:
+        """The decoder layers kept (all of them, or the first num_layers of a truncated model)."""
+        return self.arch.layers[: self.num_layers]
+
+
+def _facts_from_arch(arch: Arch, num_layers: int, outside: tuple[int, int, int]) -> ModelFacts:
+    """outside: (parameters outside the decoder layers, of which embedding, of which lm_head)."""
+    layers = arch.layers[:num_layers]
+    typical = next((layer for layer in layers if layer.moe), layers[0])
+    num_params_outside_layers, embedding, lm_head = outside
+    # ZeRO-3 gathers one module at a time: the embedding, lm_head, or one layer's attention / experts / MLP.
+    per_layer_units = [layer.count(c) for layer in layers for c in ("experts", "mlp", "attention", "shared_experts")]
+    units = sorted([embedding, lm_head, *per_layer_units], reverse=True)
+    return ModelFacts(
+        arch=arch,
+        num_layers=num_layers,
+        hidden=arch.hidden,
+        kv_hidden=arch.k_dim,
+        num_heads=arch.num_heads,
+        head_dim=arch.head_dim,
+        vocab=arch.vocab,
+        num_experts=arch.num_experts,
+        experts_per_token=arch.experts_per_token,
+        expert_ffn=arch.expert_ffn,
+        shared_ffn=arch.shared_ffn,
+        dense_ffn=arch.dense_ffn,
+        num_params=num_params_outside_layers + sum(layer.num_params for layer in layers),
+        num_params_per_layer=typical.num_params,
+        num_params_outside_layers=num_params_outside_layers,
+        num_expert_params_per_layer=typical.count("experts"),
+        largest_module_params=units[0],
+        largest_param_per_layer=max(layer.largest_param for layer in layers),
+        second_largest_module_params=units[1],
+        qk_norm=arch.qk_norm,
+        sliding_window=max((layer.sliding_window or 0 for layer in layers), default=0) or None,
+        normalizes_top_k=arch.normalizes_top_k,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _outside_counts(model: str) -> tuple[int, int, int]:
+    """(parameters outside the decoder layers, embedding, lm_head) from the meta-device census."""
+    census = parameter_census(model)
+    arch = arch_of(as_config(model))
+    inside = sum(layer.num_params for layer in arch.layers)
+    by = census.num_params_by_component
+    return census.num_params - inside, by.get("embeddings", 0), by.get("lm_head", 0)
 
 
 @functools.lru_cache(maxsize=64)
 def model_facts(model: str) -> ModelFacts:
-    config = as_config(model)
-    shape = moe_shape(config)
-    census = parameter_census(config)
-    layer = per_layer_census(config)
-    num_params_per_layer = sum(layer.values())
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    embedding = census.num_params_by_component.get("embeddings", 0)
-    layer_shapes = [p.numel() for n, p in build_model(config, "meta", num_layers=1).named_parameters() if ".layers.0." in n]
-    # ZeRO-3 gathers one module at a time: the embedding, lm_head, or one layer's attention / experts / MLP.
-    units = sorted([embedding, census.num_params_by_component.get("lm_head", 0), layer.get("experts", 0),
-                    layer.get("mlp", 0), layer.get("attention", 0), layer.get("shared_experts", 0)], reverse=True)
-    return ModelFacts(
-        num_layers=config.num_hidden_layers,
-        hidden=config.hidden_size,
-        kv_hidden=kv_heads * head_dim,
-        num_heads=config.num_attention_heads,
-        head_dim=head_dim,
-        vocab=config.vocab_size,
-        num_experts=shape.num_experts,
-        experts_per_token=shape.experts_per_token,
-        expert_ffn=shape.expert_intermediate_size,
-        shared_ffn=shape.shared_expert_intermediate_size,
-        dense_ffn=0 if shape.num_experts else config.intermediate_size,
-        num_params=census.num_params,
-        num_params_per_layer=num_params_per_layer,
-        num_params_outside_layers=census.num_params - config.num_hidden_layers * num_params_per_layer,
-        num_expert_params_per_layer=layer.get("experts", 0),
-        largest_module_params=units[0],
-        largest_param_per_layer=max(layer_shapes),
-        second_largest_module_params=units[1],
-        qk_norm=config.model_type == "olmoe",
-        sliding_window=getattr(config, "sliding_window", None) or None,
-        normalizes_top_k=bool(getattr(config, "norm_topk_prob", config.model_type == "mixtral")),
-    )
+    arch = arch_of(as_config(model))
+    return _facts_from_arch(arch, arch.num_layers, _outside_counts(model))
 
 
 def facts_for(setup: TrainingSetup, num_layers: int | None = None) -> ModelFacts:
-    """The model's facts, truncated to num_layers identical decoder layers when given."""
+    """The model's facts, truncated to its first num_layers decoder layers when given."""
     facts = model_facts(setup.model)
     if num_layers is None or num_layers == facts.num_layers:
         return facts
-    num_params = facts.num_params_outside_layers + num_layers * facts.num_params_per_layer
-    return dataclasses.replace(facts, num_layers=num_layers, num_params=num_params)
+    arch = facts.arch
+    if num_layers > arch.num_layers:
+        arch = arch_of(config_with_layers(as_config(setup.model), num_layers))
+    return _facts_from_arch(arch, num_layers, _outside_counts(setup.model))
 
 
 @functools.lru_cache(maxsize=256)
@@ -276,7 +297,7 @@ def layer_bytes_per_token(setup: TrainingSetup) -> int:
     total += w * h if (t.full or t.qkv_lora) else 0
     total += w * setup.lora.r * t.num_attention_lora
     total += w * (2 * h + 2 * hkv) + 4 * a
-    if f.qk_norm:
+    if f.qk_norm != "none":
         total += _norm_bytes(w, h, t.full) + _norm_bytes(w, hkv, t.full)
     # MLP block: post-attention norm, router, routed experts, shared expert or dense MLP.
     total += _norm_bytes(w, h, t.full)
