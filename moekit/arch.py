@@ -70,6 +70,7 @@ class LayerArch:
     sliding_window: int | None  # None: full causal attention in this layer
     num_params_by_component: tuple[tuple[str, int], ...]
     largest_param: int  # elements of the layer's largest single tensor (a fused expert stack)
+    num_fp32_params: int  # kept in fp32 in a 16-bit model (DeepSeek/GLM routers: _keep_in_fp32_modules_strict)
 
     @property
     def num_params(self) -> int:
@@ -94,7 +95,8 @@ class Arch:
     k_dim: int  # width of the keys SDPA sees before GQA repetition
     v_dim: int  # width of the values SDPA sees before GQA repetition
     head_dim: int  # q/k head dim
-    rotary_dim: int  # width of the rotary cos/sin tables
+    rotary_table_width: int  # cos + sin widths of the rotary tables the model computes once per step
+    rotary_complex: bool  # DeepSeek-V2 keeps them as complex64
     q_lora_rank: int  # MLA: width of the compressed query (0: no q compression)
     kv_lora_rank: int  # MLA: width of the compressed key/value latent
     qk_norm: str  # "none", "head" (per-head RMSNorm, Qwen3/GLM/Hunyuan) or "full" (OLMoE)
@@ -105,11 +107,14 @@ class Arch:
     experts_per_token: int
     expert_ffn: int
     experts_bias: bool  # gpt-oss: biases on the fused expert tensors
-    router_fp32: bool  # DeepSeek-V3/GLM: the router weight stays fp32 in a 16-bit model
+    router_fp32: bool  # DeepSeek/GLM: the router weight stays fp32 in a 16-bit model
+    router_scoring: str  # "softmax" over all experts, "sigmoid" (DeepSeek-V3/GLM) or "topk_softmax" (gpt-oss)
+    router_groups: tuple[int, int]  # DeepSeek's group-limited routing: (groups, groups kept); (0, 0) if none
     shared_ffn: int  # width of the always-on shared expert(s) (0: none)
     shared_gate: bool  # Qwen2-MoE: a sigmoid gate on the shared expert
     dense_ffn: int  # width of the dense MLP in dense layers (0: none)
     normalizes_top_k: bool
+    norm_class: type  # the decoder layer's norm module (its saved bytes are probed: ``norm_saved_bytes``)
     layers: tuple[LayerArch, ...]
     moe_block_classes: tuple[str, ...]  # class names of the MoE blocks (ZeRO-3 leaf modules)
     eager_only: bool  # transformers has no SDPA path for this family (gpt-oss)
@@ -192,11 +197,12 @@ def _layer_window(layer: torch.nn.Module, attention: torch.nn.Module, config: Pr
 
 def _read_layer(layer: torch.nn.Module, config: PretrainedConfig) -> LayerArch:
     counts: dict[str, int] = {}
-    largest = 0
+    largest = num_fp32 = 0
     for name, param in layer.named_parameters():
         component = component_of(f"model.layers.0.{name}")
         counts[component] = counts.get(component, 0) + param.numel()
         largest = max(largest, param.numel())
+        num_fp32 += param.numel() if param.dtype == torch.float32 else 0  # built in bf16 (arch_of)
     ffn = _child(layer, _FFN_BLOCK_NAMES)
     attention = _child(layer, _ATTENTION_NAMES)
     window = _layer_window(layer, attention, config) if attention is not None else None
@@ -205,6 +211,7 @@ def _read_layer(layer: torch.nn.Module, config: PretrainedConfig) -> LayerArch:
         sliding_window=window,
         num_params_by_component=tuple(sorted(counts.items())),
         largest_param=largest,
+        num_fp32_params=num_fp32,
     )
 
 
@@ -218,7 +225,7 @@ def _attention_facts(attention: torch.nn.Module, config: PretrainedConfig, hidde
         rope = int(attention.qk_rope_head_dim)
         return dict(
             attention="mla", num_heads=num_heads, num_kv_heads=num_heads, q_dim=num_heads * qk_head_dim,
-            k_dim=num_heads * qk_head_dim, v_dim=num_heads * v_head_dim, head_dim=qk_head_dim, rotary_dim=rope,
+            k_dim=num_heads * qk_head_dim, v_dim=num_heads * v_head_dim, head_dim=qk_head_dim,
             q_lora_rank=int(attention.q_lora_rank or 0), kv_lora_rank=int(attention.kv_lora_rank),
             attention_bias=o_proj is not None and o_proj.bias is not None,
         )
@@ -228,11 +235,10 @@ def _attention_facts(attention: torch.nn.Module, config: PretrainedConfig, hidde
     if q_proj is None or k_proj is None or v_proj is None:
         raise ArchError(f"{type(attention).__name__} has no q_proj/k_proj/v_proj moekit can read")
     head_dim = int(getattr(attention, "head_dim", None) or q_proj.out_features // num_heads)
-    rotary = getattr(config, "partial_rotary_factor", 1.0) or 1.0
     return dict(
         attention="gqa" if num_kv_heads < num_heads else "mha", num_heads=num_heads, num_kv_heads=num_kv_heads,
         q_dim=q_proj.out_features, k_dim=k_proj.out_features, v_dim=v_proj.out_features, head_dim=head_dim,
-        rotary_dim=int(head_dim * rotary), q_lora_rank=0, kv_lora_rank=0,
+        q_lora_rank=0, kv_lora_rank=0,
         attention_bias=q_proj.bias is not None,
     )
 
@@ -245,6 +251,33 @@ def _qk_norm(attention: torch.nn.Module, head_dim: int) -> str:
     return "none"
 
 
+def _router_scoring(router: torch.nn.Module) -> tuple[str, tuple[int, int]]:
+    """How the router scores experts, read from the router module: DeepSeek-V3's sigmoid router keeps
+    a score-correction bias; gpt-oss's has a bias and softmaxes only the top-k logits; group-limited
+    routers carry their group counts."""
+    groups = (int(getattr(router, "num_group", 0) or 0), int(getattr(router, "topk_group", 0) or 0))
+    if getattr(router, "topk_method", "group_limited_greedy") == "greedy":
+        groups = (0, 0)
+    if hasattr(router, "e_score_correction_bias"):
+        return "sigmoid", groups
+    if getattr(router, "bias", None) is not None:
+        return "topk_softmax", groups
+    return "softmax", groups
+
+
+def _rotary_tables(model: torch.nn.Module) -> tuple[int, bool]:
+    """(total width of the tables the rotary embedding returns, whether they are complex), read by
+    running it on the model's device: cos and sin in the model dtype, or DeepSeek-V2's complex64."""
+    rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+    if rotary is None:
+        return 0, False
+    param = next(model.parameters())
+    x = torch.zeros(1, 2, 1, device=param.device, dtype=param.dtype)
+    out = rotary(x, torch.arange(2, device=param.device)[None])
+    tables = out if isinstance(out, tuple) else (out,)
+    return sum(int(t.shape[-1]) for t in tables), any(t.is_complex() for t in tables)
+
+
 def read_arch(model: torch.nn.Module) -> Arch:
     """Read the architecture facts from a built causal LM (meta, fake or real)."""
     config = model.config
@@ -254,11 +287,13 @@ def read_arch(model: torch.nn.Module) -> Arch:
     if attention is None:
         raise ArchError(f"{type(layers[0]).__name__} has no attention module moekit can find")
     facts = _attention_facts(attention, config, hidden)
+    rotary = _rotary_tables(model)
     moe_blocks = [ffn for ffn in (_child(layer, _FFN_BLOCK_NAMES) for layer in layers) if ffn is not None and is_moe_block(ffn)]
     dense_blocks = [ffn for ffn in (_child(layer, _FFN_BLOCK_NAMES) for layer in layers) if ffn is not None and not is_moe_block(ffn)]
     num_experts = experts_per_token = expert_ffn = shared_ffn = 0
     experts_bias = shared_gate = router_fp32 = False
     normalizes = False
+    scoring, groups = "softmax", (0, 0)
     if moe_blocks:
         block = moe_blocks[0]
         experts = block.experts
@@ -277,18 +312,23 @@ def read_arch(model: torch.nn.Module) -> Arch:
             raise ArchError(f"{type(block).__name__} does not say how many experts a token goes to (top_k)")
         experts_per_token = int(top_k)
         router_weight = next(p for p in router.parameters() if p.dim() == 2)
-        router_fp32 = router_weight.dtype == torch.float32 and torch.get_default_dtype() != torch.float32
+        router_fp32 = router_weight.dtype == torch.float32  # arch_of builds in bf16
         normalizes = bool(getattr(router, "norm_topk_prob", config.model_type == "mixtral"))
+        scoring, groups = _router_scoring(router)
         shared = _child(block, ("shared_expert", "shared_experts", "shared_mlp"))
         shared_ffn = _mlp_width(shared)
         shared_gate = hasattr(block, "shared_expert_gate")
     norm = layers[0].input_layernorm if hasattr(layers[0], "input_layernorm") else None
+    if norm is None:
+        raise ArchError(f"{type(layers[0]).__name__} has no input_layernorm moekit can read")
     return Arch(
         model_type=config.model_type,
         num_layers=len(layers),
         hidden=hidden,
         vocab=int(config.vocab_size),
         **facts,
+        rotary_table_width=rotary[0],
+        rotary_complex=rotary[1],
         qk_norm=_qk_norm(attention, facts["head_dim"]),
         sinks=hasattr(attention, "sinks"),
         norm_kind="layer" if isinstance(norm, torch.nn.LayerNorm) else "rms",
@@ -297,10 +337,13 @@ def read_arch(model: torch.nn.Module) -> Arch:
         expert_ffn=expert_ffn,
         experts_bias=experts_bias,
         router_fp32=router_fp32,
+        router_scoring=scoring,
+        router_groups=groups,
         shared_ffn=shared_ffn,
         shared_gate=shared_gate,
         dense_ffn=_mlp_width(dense_blocks[0]) if dense_blocks else 0,
         normalizes_top_k=normalizes,
+        norm_class=type(norm),
         layers=tuple(_read_layer(layer, config) for layer in layers),
         moe_block_classes=tuple(c.__name__ for c in moe_block_classes(model)),
         eager_only=not getattr(type(model), "_supports_sdpa", True),
@@ -336,3 +379,37 @@ def attention_implementation(config: PretrainedConfig, requested: str | None) ->
     if requested in (None, "sdpa") and not getattr(causal_lm_class(config), "_supports_sdpa", True):
         return "eager"
     return requested or "sdpa"
+
+
+@functools.lru_cache(maxsize=64)
+def norm_saved_bytes(norm_class: type, size: int, width_bytes: int, trainable: bool) -> int:
+    """Bytes per token a norm module of this class saves for backward at this width and precision.
+
+    Measured, not assumed: the norm runs on a few real CPU rows of widths 16 and 32 under
+    ``saved_tensors_hooks`` (microseconds), and the bytes are extrapolated linearly in the width. This
+    is how LayerNorm (input, mean, rstd), Llama's RMSNorm (fp32 input copy, rstd, 16-bit normalized)
+    and gpt-oss's RMSNorm (fp32 normalized) each get their own figure.
+    """
+    dtype = {2: torch.bfloat16, 4: torch.float32}[width_bytes]
+
+    def per_token(width: int) -> float:
+        module = norm_class(width)
+        module.to(dtype).requires_grad_(trainable)
+        params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = t.untyped_storage().data_ptr()
+            if key not in params:
+                seen[key] = t.untyped_storage().nbytes()
+            return t
+
+        rows = 8
+        x = torch.randn(1, rows, width, dtype=dtype).requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        return sum(seen.values()) / rows
+
+    small, large = per_token(16), per_token(32)
+    slope = (large - small) / 16
+    return round(small + slope * (size - 16))

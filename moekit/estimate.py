@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
-from moekit.arch import Arch, LayerArch, arch_of
+from moekit.arch import Arch, LayerArch, arch_of, norm_saved_bytes
 from moekit.models import as_config, config_with_layers, parameter_census
 from moekit.training_setup import TrainingSetup
 
@@ -81,6 +81,11 @@ class ModelFacts:
     def layers(self) -> tuple[LayerArch, ...]:
         """The decoder layers kept (all of them, or the first num_layers of a truncated model)."""
         return self.arch.layers[: self.num_layers]
+
+    @property
+    def num_fp32_params(self) -> int:
+        """Parameters a 16-bit run keeps in fp32 (DeepSpeed honours _keep_in_fp32_modules_strict too)."""
+        return sum(layer.num_fp32_params for layer in self.layers)
 
 
 def _facts_from_arch(arch: Arch, num_layers: int, outside: tuple[int, int, int]) -> ModelFacts:
@@ -187,7 +192,7 @@ def _base_weight_bytes(setup: TrainingSetup, facts: ModelFacts) -> int:
     """Bytes of the (frozen or trained) base weights in their working precision, whole model."""
     width = 4 if setup.precision == "fp32" else 2
     if setup.method != "qlora":
-        return facts.num_params * width
+        return facts.num_params * width + (4 - width) * facts.num_fp32_params
     from moekit.lora import QuantSpec, num_quantized_params
 
     num_quantized = num_quantized_params(as_config(setup.model))
@@ -251,11 +256,20 @@ class Trainability:
 
     full: bool  # every weight trains (norms, router, embeddings, lm_head included)
     num_attention_lora: int  # LoRA-adapted attention Linears per layer
-    qkv_lora: bool  # a LoRA on q/k/v needs the shared normalized input
+    qkv_lora: bool  # a LoRA on q/k/v (MLA: q_a/kv_a) needs the shared normalized input
     experts_lora: bool  # LoRA on the fused expert tensors (peft ParamWrapper)
     router_lora: bool
     shared_experts_lora: bool
     mlp_lora: bool  # dense models' gate/up/down_proj
+    attention_lora: tuple[str, ...] = ()  # the adapted attention Linears' own names (q_b_proj, o_proj...)
+
+    def attention_trains(self, name: str) -> bool:
+        """Whether an attention Linear's input is saved: it trains, or carries a LoRA."""
+        return self.full or name in self.attention_lora
+
+
+#: Attention Linears that read the layer's normalized input (GQA's q/k/v, MLA's q_a/kv_a or q).
+_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
 
 
 @functools.lru_cache(maxsize=256)
@@ -266,70 +280,169 @@ def trainability(model: str, method: str, spec) -> Trainability:
 
     groups = resolve_targets(spec, model).groups
     attention = groups.get("attention", ())
+    leaves = tuple(name.split(".")[-1] for name in attention)
     return Trainability(
         full=False,
         num_attention_lora=len(attention),
-        qkv_lora=any(name.split(".")[-1] in ("q_proj", "k_proj", "v_proj") for name in attention),
+        qkv_lora=any(leaf in _INPUT_PROJECTIONS for leaf in leaves),
         experts_lora=bool(groups.get("experts")),
         router_lora=bool(groups.get("router")),
         shared_experts_lora=bool(groups.get("shared_experts")),
         mlp_lora=bool(groups.get("mlp")),
+        attention_lora=leaves,
     )
 
 
-def _norm_bytes(width_bytes: int, size: int, trainable: bool) -> int:
-    """RMSNorm keeps an fp32 copy of its input and the rstd; its normalized output if the weight trains."""
-    return 4 * size + 4 + (width_bytes * size if trainable else 0)
+def _width(setup: TrainingSetup) -> int:
+    return 4 if setup.precision == "fp32" else 2
 
 
-def layer_bytes_per_token(setup: TrainingSetup) -> int:
-    """Bytes one middle decoder layer saves for backward per token (sdpa attention).
+def _norm_bytes(arch: Arch, width_bytes: int, size: int, trainable: bool) -> int:
+    """What one norm saves per row (its class measured by ``moekit.arch.norm_saved_bytes``): RMSNorm
+    an fp32 input copy, the rstd and, when its weight trains, the normalized input."""
+    return norm_saved_bytes(arch.norm_class, size, width_bytes, trainable)
 
-    Derived tensor by tensor from what autograd saves in the Hugging Face modules (docs/memory_model.md)
-    and equal, to within a few bytes, to MemTracker's count on every preset.
-    """
+
+def _uses_math_sdpa(arch: Arch) -> bool:
+    """MLA's values are narrower than its queries and keys (128 vs 192 per head in DeepSeek-V3); SDPA's
+    fused CPU kernels refuse unequal head dims, so PyTorch takes its math path, which upcasts to fp32
+    and keeps the a x s x s probabilities. (CUDA's memory-efficient and cuDNN kernels accept these
+    shapes; ``flash_attention_2`` pads the values instead. Not measured on a GPU here.)"""
+    return arch.attention == "mla" and arch.v_dim != arch.k_dim
+
+
+def attention_bytes_per_token(setup: TrainingSetup) -> int:
+    """Bytes the attention block (its input norm included) saves per token, besides terms in s^2."""
     f = model_facts(setup.model)
+    a = f.arch
     t = trainability(setup.model, setup.method, setup.lora)
-    w = 4 if setup.precision == "fp32" else 2
-    h, hkv, a = f.hidden, f.kv_hidden, f.num_heads
-    # Attention block: input norm, q/k/v input, LoRA A outputs, SDPA's q, k, v, output and logsumexp.
-    total = _norm_bytes(w, h, t.full)
+    w = _width(setup)
+    h, heads = a.hidden, a.num_heads
+    # Input norm, the normalized input the projections read, LoRA A outputs.
+    total = _norm_bytes(a, w, h, t.full)
     total += w * h if (t.full or t.qkv_lora) else 0
     total += w * setup.lora.r * t.num_attention_lora
-    total += w * (2 * h + 2 * hkv) + 4 * a
-    if f.qk_norm != "none":
-        total += _norm_bytes(w, h, t.full) + _norm_bytes(w, hkv, t.full)
-    # MLP block: post-attention norm, router, routed experts, shared expert or dense MLP.
-    total += _norm_bytes(w, h, t.full)
-    if f.num_experts:
-        k = f.experts_per_token
-        total += w * h if (t.full or t.router_lora) else 0
-        total += 4 * f.num_experts + (36 * k + 4 if f.normalizes_top_k else 29 * k)
-        expert_trains = t.full or t.experts_lora
-        total += k * ((2 * w * h + 4 * w * f.expert_ffn + 4) if expert_trains else (w * h + 3 * w * f.expert_ffn + 4))
-        if f.shared_ffn:
-            shared_trains = t.full or t.shared_experts_lora
-            total += (4 if shared_trains else 3) * w * f.shared_ffn + w * h + 2
-    else:
+    if a.attention == "mla":
+        # Compressed query (V3) and key/value latent: each normalized, then read by its up-projection.
+        if a.q_lora_rank:
+            total += _norm_bytes(a, w, a.q_lora_rank, t.full) + (w * a.q_lora_rank if t.attention_trains("q_b_proj") else 0)
+        total += _norm_bytes(a, w, a.kv_lora_rank, t.full) + (w * a.kv_lora_rank if t.attention_trains("kv_b_proj") else 0)
+        if _uses_math_sdpa(a):
+            # math SDPA: fp32 q, k, v (the s^2 probabilities are in mla_math_bytes); o_proj's input.
+            total += 4 * (a.q_dim + a.k_dim + a.v_dim)
+            return total + (w * a.v_dim if t.attention_trains("o_proj") else 0)
+        return total + w * (2 * a.q_dim + a.k_dim + a.v_dim) + 4 * heads
+    if a.qk_norm == "full":  # OLMoE: one norm over all heads' q, one over k
+        total += _norm_bytes(a, w, a.q_dim, t.full) + _norm_bytes(a, w, a.k_dim, t.full)
+    elif a.qk_norm == "head":  # Qwen3, GLM, Hunyuan: a norm per head of q and of k
+        num_kv_heads = a.k_dim // a.head_dim
+        total += (heads + num_kv_heads) * _norm_bytes(a, w, a.head_dim, t.full)
+    if a.sinks:
+        # gpt-oss (eager only): q, k and v repeated to every head, the sink logits' max (int64),
+        # o_proj's input; the s x (s + 1) probabilities are in sink_attention_bytes.
+        return total + w * (2 * a.q_dim + 2 * heads * a.head_dim) + 8 * heads
+    # SDPA (flash on the CPU): q, k, v, its output and the fp32 logsumexp.
+    return total + w * (2 * a.q_dim + a.k_dim + a.v_dim) + 4 * heads
+
+
+def router_bytes_per_token(setup: TrainingSetup) -> int:
+    """Bytes the router of one MoE layer saves per token: its input when it trains, scores, top-k."""
+    f = model_facts(setup.model)
+    a = f.arch
+    t = trainability(setup.model, setup.method, setup.lora)
+    w = _width(setup)
+    E, k = a.num_experts, a.experts_per_token
+    trains = t.full or t.router_lora
+    if a.router_scoring == "sigmoid":
+        # fp32 input, sigmoid scores, the group mask (bool), group top-2 and group indices (int64),
+        # the top-k indices (int64) and weights (fp32), the renormalizing sum.
+        groups, kept = a.router_groups
+        total = (4 * a.hidden if trains else 0) + 5 * E + 16 * groups + 8 * kept + 12 * k
+        return total + (4 if a.normalizes_top_k else 0)
+    if a.router_scoring == "topk_softmax":
+        # gpt-oss: its input, the top-k indices (int64) and the softmax over the top-k logits.
+        return (w * a.hidden if trains else 0) + 8 * k + w * k
+    router_width = 4 if a.router_fp32 else w
+    total = (router_width * a.hidden if trains else 0) + 4 * E
+    return total + (8 * k + 4 if a.normalizes_top_k else k)
+
+
+def experts_bytes_per_token(setup: TrainingSetup) -> int:
+    """Bytes the routed experts of one MoE layer save per token (grouped_mm path): each of the top-k
+    copies of the token's input, gate/up output and activations, routing indices and weights."""
+    f = model_facts(setup.model)
+    a = f.arch
+    t = trainability(setup.model, setup.method, setup.lora)
+    w = _width(setup)
+    k, h, ffn = a.experts_per_token, a.hidden, a.expert_ffn
+    trains = t.full or t.experts_lora
+    if a.experts_bias:
+        # gpt-oss: clamped gate and up, sigmoid, the GLU and its product (5 x ffn) on top of gate_up.
+        per_copy = (2 * w * h + 7 * w * ffn) if trains else (w * h + 6 * w * ffn)
+        return k * (per_copy + w + 32)
+    per_copy = (2 * w * h + 4 * w * ffn) if trains else (w * h + 3 * w * ffn)
+    return k * (per_copy + 28)
+
+
+def ffn_bytes_per_token(setup: TrainingSetup, layer: LayerArch) -> int:
+    """Bytes the feed-forward block saves per token: MoE (router, experts, shared experts) or dense MLP."""
+    f = model_facts(setup.model)
+    a = f.arch
+    t = trainability(setup.model, setup.method, setup.lora)
+    w = _width(setup)
+    total = _norm_bytes(a, w, a.hidden, t.full)  # post-attention norm
+    if not layer.moe:
         mlp_trains = t.full or t.mlp_lora
-        total += (w * h + 4 * w * f.dense_ffn) if mlp_trains else 3 * w * f.dense_ffn
+        return total + ((w * a.hidden + 4 * w * a.dense_ffn) if mlp_trains else 3 * w * a.dense_ffn)
+    total += router_bytes_per_token(setup) + experts_bytes_per_token(setup)
+    if a.shared_ffn:
+        shared_trains = t.full or t.shared_experts_lora
+        total += (4 if shared_trains else 3) * w * a.shared_ffn
+        # Qwen2-MoE scales the shared expert by sigmoid(gate(x)): its output and the sigmoid are kept.
+        total += w * a.hidden + 2 if a.shared_gate else 0
     return total
+
+
+def _typical_layer(f: ModelFacts) -> LayerArch:
+    return next((layer for layer in f.layers if layer.moe), f.layers[0])
+
+
+def layer_bytes_per_token(setup: TrainingSetup, layer: LayerArch | None = None) -> int:
+    """Bytes one decoder layer saves for backward per token (default: an MoE layer), besides terms in s^2.
+
+    Derived tensor by tensor from what autograd saves in the Hugging Face modules (docs/memory_model.md)
+    and checked against MemTracker's count family by family (tests/test_families.py).
+    """
+    f = model_facts(setup.model)
+    return attention_bytes_per_token(setup) + ffn_bytes_per_token(setup, layer or _typical_layer(f))
 
 
 def eager_attention_bytes(setup: TrainingSetup) -> int:
     """Extra bytes per layer of eager attention: the a x s x s probabilities, and k/v repeated to all heads."""
     f = model_facts(setup.model)
-    w = 4 if setup.precision == "fp32" else 2
+    w = _width(setup)
     repeat_kv = 2 * w * f.hidden if f.kv_hidden < f.hidden else 0
     per_sequence = 3 * w * f.num_heads * setup.seq_len**2
     return setup.micro_batch * (per_sequence + setup.seq_len * (repeat_kv - 4 * f.num_heads))
+
+
+def sink_attention_bytes(setup: TrainingSetup) -> int:
+    """gpt-oss's eager attention keeps the 16-bit probabilities over s keys plus the sink: a x s x (s+1)."""
+    f = model_facts(setup.model)
+    return setup.micro_batch * _width(setup) * f.num_heads * setup.seq_len * (setup.seq_len + 1)
+
+
+def mla_math_bytes(setup: TrainingSetup) -> int:
+    """MLA under SDPA's math path keeps the fp32 a x s x s probabilities (see ``_uses_math_sdpa``)."""
+    f = model_facts(setup.model)
+    return setup.micro_batch * 4 * f.num_heads * setup.seq_len**2
 
 
 def sliding_window_mask_bytes(setup: TrainingSetup) -> int:
     """Sequences reaching a sliding window make SDPA take an explicit s x s mask, which each layer keeps,
     and a path that saves 3h more per token (MemTracker on Mistral 7B at 4096-8192 tokens)."""
     f = model_facts(setup.model)
-    w = 4 if setup.precision == "fp32" else 2
+    w = _width(setup)
     return setup.micro_batch * (w * setup.seq_len**2 + setup.seq_len * 3 * w * f.hidden // 2)
 
 
@@ -339,41 +452,55 @@ def lora_merged_expert_bytes(setup: TrainingSetup) -> int:
     t = trainability(setup.model, setup.method, setup.lora)
     if not t.experts_lora:
         return 0
-    w = 4 if setup.precision == "fp32" else 2
-    return w * model_facts(setup.model).num_expert_params_per_layer
+    return _width(setup) * model_facts(setup.model).num_expert_params_per_layer
+
+
+def layer_bytes(setup: TrainingSetup, layer: LayerArch) -> int:
+    """Bytes one decoder layer of this kind saves for backward at the setup's batch and length."""
+    f = model_facts(setup.model)
+    a = f.arch
+    tokens = setup.micro_batch * setup.seq_len
+    total = tokens * layer_bytes_per_token(setup, layer)
+    if layer.moe:
+        total += lora_merged_expert_bytes(setup)
+    if a.sinks:
+        total += sink_attention_bytes(setup)
+    elif _uses_math_sdpa(a):
+        total += mla_math_bytes(setup)
+    elif setup.attn_implementation == "eager":
+        total += eager_attention_bytes(setup)
+    elif layer.sliding_window and setup.seq_len >= layer.sliding_window:
+        total += sliding_window_mask_bytes(setup)
+    return total
 
 
 def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
     """Logits (returned in 16-bit, log-softmax kept in fp32), final norm and lm_head input when they train."""
     f = model_facts(setup.model)
+    a = f.arch
     t = trainability(setup.model, setup.method, setup.lora)
-    w = 4 if setup.precision == "fp32" else 2
-    rotary_tables = 2 * w * f.head_dim  # cos and sin, shared by every layer
+    w = _width(setup)
+    rotary_tables = (8 if a.rotary_complex else w) * a.rotary_table_width  # cos and sin, shared by every layer
     total = w * f.vocab + 4 * f.vocab + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN
     if t.full:
         # final norm (input copy + normalized) and lm_head's input; with frozen embeddings the first
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
-        total += _norm_bytes(w, f.hidden, True) + w * f.hidden
+        total += _norm_bytes(a, w, f.hidden, True) + w * f.hidden
     if setup.activation_checkpointing:
         # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
-        total += 0 if t.full else _norm_bytes(w, f.hidden, False)
+        total += 0 if t.full else _norm_bytes(a, w, f.hidden, False)
     return total
 
 
 def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
     """(bytes saved for backward at the end of forward, bytes of one layer recomputed in backward)."""
-    f = model_facts(setup.model)
-    w = 4 if setup.precision == "fp32" else 2
+    f = facts_for(setup, num_layers)
     tokens = setup.micro_batch * setup.seq_len
-    one_layer = tokens * layer_bytes_per_token(setup) + lora_merged_expert_bytes(setup)
-    if setup.attn_implementation == "eager":
-        one_layer += eager_attention_bytes(setup)
-    elif f.sliding_window and setup.seq_len >= f.sliding_window:
-        one_layer += sliding_window_mask_bytes(setup)
+    per_layer = [layer_bytes(setup, layer) for layer in f.layers]
     outside = tokens * outside_layers_bytes_per_token(setup)
     if setup.activation_checkpointing:
-        return num_layers * tokens * w * f.hidden + outside, one_layer
-    return num_layers * one_layer + outside, 0
+        return num_layers * tokens * _width(setup) * f.hidden + outside, max(per_layer)
+    return sum(per_layer) + outside, 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ _COMMON = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, vo
                intermediate_size=256, max_position_embeddings=4096, tie_word_embeddings=False,
                bos_token_id=0, eos_token_id=1, pad_token_id=None)
 _MLA = dict(kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
-            n_shared_experts=1, first_k_dense_replace=1, moe_intermediate_size=64)
+            n_shared_experts=1, first_k_dense_replace=1, moe_intermediate_size=64,
+            num_key_value_heads=4)
 
 FAMILY_CONFIGS: dict[str, dict] = {
     "mixtral": dict(model_type="mixtral", num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
