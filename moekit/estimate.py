@@ -353,18 +353,17 @@ def router_bytes_per_token(setup: TrainingSetup) -> int:
     w = _width(setup)
     E, k = a.num_experts, a.experts_per_token
     trains = t.full or t.router_lora
-    if a.router_scoring == "sigmoid":
+    if a.router_scoring == "sigmoid" or a.router_fp32:
         # fp32 input, sigmoid scores, the group mask (bool), group top-2 and group indices (int64),
         # the top-k indices (int64) and weights (fp32), the renormalizing sum.
         groups, kept = a.router_groups
         total = (4 * a.hidden if trains else 0) + 5 * E + 16 * groups + 8 * kept + 12 * k
         return total + (4 if a.normalizes_top_k else 0)
     if a.router_scoring == "topk_softmax":
-        # gpt-oss: its input, the top-k indices (int64) and the softmax over the top-k logits.
-        return (w * a.hidden if trains else 0) + 8 * k + w * k
-    router_width = 4 if a.router_fp32 else w
-    total = (router_width * a.hidden if trains else 0) + 4 * E
-    return total + (8 * k + 4 if a.normalizes_top_k else k)
+        # gpt-oss: the top-k indices (int64) and the softmax over the top-k logits.
+        return 8 * k + w * k
+    # Its input is the MoE block's input, counted once in ffn_bytes_per_token.
+    return 4 * E + (8 * k + 4 if a.normalizes_top_k else k)
 
 
 def experts_bytes_per_token(setup: TrainingSetup) -> int:
@@ -395,8 +394,12 @@ def ffn_bytes_per_token(setup: TrainingSetup, layer: LayerArch) -> int:
         mlp_trains = t.full or t.mlp_lora
         return total + ((w * a.hidden + 4 * w * a.dense_ffn) if mlp_trains else 3 * w * a.dense_ffn)
     total += router_bytes_per_token(setup) + experts_bytes_per_token(setup)
+    shared_trains = bool(a.shared_ffn) and (t.full or t.shared_experts_lora)
+    # The block's 16-bit input, read by a 16-bit router and by the shared expert when they train
+    # (an fp32 router saves its own fp32 copy instead, in router_bytes_per_token).
+    router_reads_it = (t.full or t.router_lora) and a.router_scoring != "sigmoid" and not a.router_fp32
+    total += w * a.hidden if (router_reads_it or shared_trains) else 0
     if a.shared_ffn:
-        shared_trains = t.full or t.shared_experts_lora
         total += (4 if shared_trains else 3) * w * a.shared_ffn
         # Qwen2-MoE scales the shared expert by sigmoid(gate(x)): its output and the sigmoid are kept.
         total += w * a.hidden + 2 if a.shared_gate else 0
@@ -499,8 +502,18 @@ def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
     per_layer = [layer_bytes(setup, layer) for layer in f.layers]
     outside = tokens * outside_layers_bytes_per_token(setup)
     if setup.activation_checkpointing:
-        return num_layers * tokens * _width(setup) * f.hidden + outside, max(per_layer)
+        kept_inputs = num_layers * tokens * _width(setup) * f.hidden + eager_mask_bytes(setup, f)
+        return kept_inputs + outside, max(per_layer)
     return sum(per_layer) + outside, 0
+
+
+def eager_mask_bytes(setup: TrainingSetup, f: ModelFacts) -> int:
+    """Eager attention takes an explicit s x s mask in the working dtype, one per kind of layer (full,
+    sliding); under checkpointing every layer's saved inputs hold it until backward."""
+    if not (f.arch.sinks or setup.attn_implementation == "eager"):
+        return 0
+    kinds = {layer.sliding_window for layer in f.layers}
+    return setup.micro_batch * _width(setup) * setup.seq_len**2 * len(kinds)
 
 
 # ---------------------------------------------------------------------------------------------
