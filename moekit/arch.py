@@ -301,9 +301,10 @@ def read_arch(model: torch.nn.Module) -> Arch:
         if not stacked:
             raise ArchError(f"{type(experts).__name__} holds no fused 3-D expert tensors moekit can read")
         num_experts = int(stacked[0].shape[0])
-        down = getattr(experts, "down_proj", None)
-        # down_proj is [E, hidden, ffn] or [E, ffn, hidden] (gpt-oss, Llama 4): the width that is not hidden
-        expert_ffn = int(next(d for d in down.shape[1:] if d != hidden) if down is not None else 0)
+        # gate_up_proj is [E, 2*ffn, hidden] or [E, hidden, 2*ffn] (gpt-oss, Llama 4)
+        gate_up = stacked[0]
+        rows, cols = gate_up.shape[1:]
+        expert_ffn = int(cols // 2 if rows == hidden else rows // 2)
         experts_bias = any(p.dim() == 2 for p in experts.parameters(recurse=False))
         router = _child(block, _ROUTER_NAMES)
         top_k = next((getattr(m, a) for m in (router, block, experts) for a in ("top_k", "moe_topk") if m is not None

@@ -342,7 +342,12 @@ def attention_bytes_per_token(setup: TrainingSetup) -> int:
         # o_proj's input; the s x (s + 1) probabilities are in sink_attention_bytes.
         return total + w * (2 * a.q_dim + 2 * heads * a.head_dim) + 8 * heads
     # SDPA (flash on the CPU): q, k, v, its output and the fp32 logsumexp.
-    return total + w * (2 * a.q_dim + a.k_dim + a.v_dim) + 4 * heads
+    total += w * (2 * a.q_dim + a.k_dim + a.v_dim) + 4 * heads
+    if a.rotary_table_width < 2 * a.head_dim and t.attention_trains("o_proj"):
+        # Partial rotary (GLM) concatenates q back head-major, so SDPA's output comes out head-major
+        # and o_proj reads a token-major copy of it.
+        total += w * a.q_dim
+    return total
 
 
 def router_bytes_per_token(setup: TrainingSetup) -> int:
