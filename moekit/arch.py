@@ -216,13 +216,12 @@ def _read_layer(layer: torch.nn.Module, config: PretrainedConfig) -> LayerArch:
 
 
 def _attention_facts(attention: torch.nn.Module, config: PretrainedConfig, hidden: int) -> dict:
-    num_heads = int(getattr(config, "num_attention_heads"))
+    num_heads = int(config.num_attention_heads)
     num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
     o_proj = _linear_in(attention, "o_proj", "out_proj", "dense")
     if hasattr(attention, "kv_a_proj_with_mqa"):  # MLA: keys and values expanded to every head
         qk_head_dim = int(attention.qk_head_dim)
         v_head_dim = int(attention.v_head_dim)
-        rope = int(attention.qk_rope_head_dim)
         return dict(
             attention="mla", num_heads=num_heads, num_kv_heads=num_heads, q_dim=num_heads * qk_head_dim,
             k_dim=num_heads * qk_head_dim, v_dim=num_heads * v_head_dim, head_dim=qk_head_dim,

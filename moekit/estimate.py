@@ -19,14 +19,13 @@ and checked against ``moekit.simulate`` (a full-size step under FakeTensorMode) 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 
+from moekit.arch import Arch, LayerArch, arch_of, norm_saved_bytes
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
-from moekit.arch import Arch, LayerArch, arch_of, norm_saved_bytes
 from moekit.models import as_config, config_with_layers, parameter_census
 from moekit.training_setup import TrainingSetup
 
