@@ -1,0 +1,99 @@
+"""Every MoE family moekit supports, checked on a scaled-down config of its real architecture.
+
+A family counts as supported when (1) the estimate's activations are within 2% of the full fake-tensor
+simulation and its weights are exact, at two sequence lengths, with and without checkpointing, full
+and LoRA; and (2) the simulation's bytes per decoder layer equal those of a plain transformers
+training step of that config under MemTracker (``loss = model(input_ids=..., labels=...).loss``,
+no moekit code in the loop). The plain step is compared layer by layer (2 layers minus 1 layer), so
+what each harness does with the logits outside the layers cancels out.
+"""
+
+import itertools
+
+import pytest
+import torch
+from family_configs import FAMILY_CONFIGS, write_family_config
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moekit.arch import arch_of
+from moekit.estimate import estimate
+from moekit.models import load_config
+from moekit.simulate import simulate
+from moekit.training_setup import LoraSpec, TrainingSetup
+
+SUPPORTED = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "glm4_moe",
+             "granitemoe"]
+SEQ_LENS = (128, 512)
+LORA = LoraSpec(targets=("attention", "experts"))
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return lambda family: write_family_config(family, root / family)
+
+
+def _setup(model: str, method: str, seq_len: int, ckpt: bool) -> TrainingSetup:
+    return TrainingSetup(model=model, method=method, lora=LORA, seq_len=seq_len, zero_stage=0, gpus_per_node=1,
+                         activation_checkpointing=ckpt)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_estimate_matches_the_simulation_for_each_family(family, family_dir):
+    model = family_dir(family)
+    for method, seq_len, ckpt in itertools.product(("full", "lora"), SEQ_LENS, (False, True)):
+        setup = _setup(model, method, seq_len, ckpt)
+        est, sim = estimate(setup), simulate(setup, progress=False)
+        label = f"{family} {method} seq {seq_len} ckpt {ckpt}"
+        assert est.per_gpu["weights"] == sim.per_gpu["weights"], label
+        assert est.per_gpu["activations"] == pytest.approx(sim.per_gpu["activations"], rel=0.02), label
+
+
+def _plain_step_activation_bytes(family: str, num_layers: int, seq_len: int) -> int:
+    """MemTracker's Activation bytes after a plain transformers forward with labels (real CPU tensors)."""
+    from family_configs import _COMMON
+
+    data = {**_COMMON, **FAMILY_CONFIGS[family], "num_hidden_layers": num_layers}
+    if "layer_types" in data:
+        data["layer_types"] = data["layer_types"][:num_layers]
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.train()
+    input_ids = torch.randint(0, config.vocab_size, (1, seq_len))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        after_forward = tracker.get_tracker_snapshot()
+        loss.backward()
+    return sum(device.get(_MemRefType.ACT, 0) for device in after_forward.values())
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_the_simulation_saves_what_a_plain_transformers_step_saves_per_layer(family, family_dir):
+    model = family_dir(family)
+    seq_len = 256
+    num_dense = arch_of(load_config(model)).num_dense_layers  # compare MoE layers: skip the dense first ones
+    one, two = num_dense + 1, num_dense + 2
+    setup = _setup(model, "full", seq_len, False)
+    sim = [simulate(setup, num_layers=n, progress=False).per_gpu["activations"] for n in (one, two)]
+    plain = [_plain_step_activation_bytes(family, n, seq_len) for n in (one, two)]
+    assert sim[1] - sim[0] == pytest.approx(plain[1] - plain[0], rel=0.01)
+
+
+def test_every_family_config_builds_and_reads_its_architecture(family_dir):
+    kinds = {family: arch_of(load_config(family_dir(family))) for family in FAMILY_CONFIGS}
+    assert kinds["deepseek_v3"].attention == "mla" and kinds["deepseek_v3"].num_dense_layers == 1
+    assert kinds["gpt_oss"].sinks and kinds["gpt_oss"].eager_only and kinds["gpt_oss"].experts_bias
+    assert [layer.sliding_window for layer in kinds["gpt_oss"].layers] == [128, None]
+    assert kinds["qwen3_moe"].qk_norm == "head" and kinds["olmoe"].qk_norm == "full"
+    assert kinds["glm4_moe"].router_scoring == "sigmoid" and kinds["glm4_moe"].shared_ffn == 64
+    assert kinds["qwen2_moe"].shared_gate and kinds["phimoe"].norm_kind == "layer"
+    assert all(arch.is_moe for arch in kinds.values())
