@@ -499,12 +499,41 @@ def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
     return total
 
 
+#: Families whose layer terms above are checked against the simulation (tests/test_families.py) and
+#: dense families checked in tests/test_estimate.py; any other model is calibrated by a probe.
+ANALYTIC_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                     "glm4_moe", "granitemoe", "llama", "mistral")
+
+
+def is_calibrated(setup: TrainingSetup) -> bool:
+    """Whether the estimate's activations come from a probe (a family with no checked formula)."""
+    return model_facts(setup.model).arch.model_type not in ANALYTIC_FAMILIES
+
+
+def activation_notes(setup: TrainingSetup) -> dict[str, str]:
+    """The estimate's notes about its activations: the probe that calibrated them, if any."""
+    if not is_calibrated(setup):
+        return {}
+    from moekit.probe import calibrate
+
+    return {"activations": calibrate(setup).note()}
+
+
 def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
     """(bytes saved for backward at the end of forward, bytes of one layer recomputed in backward)."""
     f = facts_for(setup, num_layers)
     tokens = setup.micro_batch * setup.seq_len
-    per_layer = [layer_bytes(setup, layer) for layer in f.layers]
     outside = tokens * outside_layers_bytes_per_token(setup)
+    if is_calibrated(setup):
+        from moekit.probe import calibrate
+
+        probe = calibrate(setup)
+        num_moe = sum(layer.moe for layer in f.layers)
+        if setup.activation_checkpointing:
+            kept_inputs = num_layers * tokens * _width(setup) * f.hidden + eager_mask_bytes(setup, f)
+            return kept_inputs + outside, probe.layer_bytes
+        return probe.outside_bytes + num_moe * probe.layer_bytes, 0
+    per_layer = [layer_bytes(setup, layer) for layer in f.layers]
     if setup.activation_checkpointing:
         kept_inputs = num_layers * tokens * _width(setup) * f.hidden + eager_mask_bytes(setup, f)
         return kept_inputs + outside, max(per_layer)
@@ -596,6 +625,7 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         "overhead": overhead_bytes(allocated),
     }
     per_host, notes = host_or_nvme(setup, states.host_bytes)
+    notes.update(activation_notes(setup))
     return Breakdown(
         source="estimate",
         per_gpu=per_gpu,
