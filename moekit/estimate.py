@@ -149,20 +149,22 @@ def facts_for(setup: TrainingSetup, num_layers: int | None = None) -> ModelFacts
 
 
 @functools.lru_cache(maxsize=256)
-def _lora_counts_per_layer(model: str, spec) -> tuple[int, int]:
-    """(LoRA trainable params per decoder layer, of which on fused expert tensors) for a LoRA spec."""
+def _num_lora_params(model: str, spec, num_layers: int) -> int:
+    """LoRA adapter parameters of the model's first num_layers decoder layers (layers may differ:
+    DeepSeek's dense first layers carry no expert adapters)."""
     from moekit.lora import lora_census
 
-    census = lora_census(model, spec)
-    num_layers = model_facts(model).num_layers
-    return census.num_trainable_params // num_layers, census.by_group.get("experts", 0) // num_layers
+    config = as_config(model)
+    if num_layers != config.num_hidden_layers:
+        config = config_with_layers(config, num_layers)
+    return lora_census(config, spec).num_trainable_params
 
 
 def num_trainable_params(setup: TrainingSetup, facts: ModelFacts | None = None) -> int:
     """Parameters that get gradients and optimizer state: all of them, or only the LoRA adapters."""
     facts = facts or model_facts(setup.model)
     if setup.uses_lora:
-        return facts.num_layers * _lora_counts_per_layer(setup.model, setup.lora)[0]
+        return _num_lora_params(setup.model, setup.lora, facts.num_layers)
     return facts.num_params
 
 
@@ -502,7 +504,7 @@ def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
 #: Families whose layer terms above are checked against the simulation (tests/test_families.py) and
 #: dense families checked in tests/test_estimate.py; any other model is calibrated by a probe.
 ANALYTIC_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
-                     "glm4_moe", "granitemoe", "llama", "mistral")
+                     "glm4_moe", "llama", "mistral")
 
 
 def is_calibrated(setup: TrainingSetup) -> bool:

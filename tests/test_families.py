@@ -18,12 +18,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moekit.arch import arch_of
 from moekit.estimate import estimate
-from moekit.models import load_config
+from moekit.models import load_config, parameter_census
 from moekit.simulate import simulate
 from moekit.training_setup import LoraSpec, TrainingSetup
 
-SUPPORTED = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "glm4_moe",
-             "granitemoe"]
+SUPPORTED = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "glm4_moe"]
 SEQ_LENS = (128, 512)
 LORA = LoraSpec(targets=("attention", "experts"))
 
@@ -97,3 +96,57 @@ def test_every_family_config_builds_and_reads_its_architecture(family_dir):
     assert kinds["glm4_moe"].router_scoring == "sigmoid" and kinds["glm4_moe"].shared_ffn == 64
     assert kinds["qwen2_moe"].shared_gate and kinds["phimoe"].norm_kind == "layer"
     assert all(arch.is_moe for arch in kinds.values())
+
+
+# Published sizes (model cards, rounded; REFERENCE.md). Where a card's active count leaves out the
+# embedding (gpt-oss) or the embedding and lm_head (GLM), the census's active count is compared without them.
+PUBLISHED = [
+    ("qwen3-30b-a3b", 30.5, 3.3, ()),
+    ("qwen3-235b-a22b", 235, 22, ()),
+    ("deepseek-v2-lite", 15.7, None, ()),
+    ("deepseek-v3", 671, 37, ()),
+    ("gpt-oss-20b", 21, 3.6, ("embeddings",)),
+    ("gpt-oss-120b", 117, 5.1, ("embeddings",)),
+    ("glm-4.5-air", 106, 12, ("embeddings", "lm_head")),
+    ("phi-3.5-moe", 41.9, 6.6, ()),
+]
+
+
+@pytest.mark.parametrize(("preset", "total_b", "active_b", "left_out"), PUBLISHED)
+def test_preset_totals_match_the_published_counts(preset, total_b, active_b, left_out):
+    """Cards round (or truncate) to 2-3 digits: totals within 1%, active counts within 5%."""
+    census = parameter_census(preset)
+    assert census.num_params / 1e9 == pytest.approx(total_b, rel=0.01)
+    if active_b is not None:
+        active = census.num_active_params - sum(census.num_params_by_component[c] for c in left_out)
+        assert active / 1e9 == pytest.approx(active_b, rel=0.05)
+
+
+def test_deepseeks_shared_experts_and_dense_first_layers_are_counted_as_such():
+    census = parameter_census("deepseek-v3")
+    arch = arch_of(load_config("deepseek-v3"))
+    assert arch.num_dense_layers == 3 and arch.num_moe_layers == 58
+    # 58 MoE layers x one shared expert of width 2048; the 3 dense layers' MLPs (width 18432) are "mlp".
+    assert census.num_params_by_component["shared_experts"] == 58 * 3 * 7168 * 2048
+    assert census.num_params_by_component["mlp"] == 3 * 3 * 7168 * 18432
+
+
+def test_an_unknown_moe_family_is_calibrated_by_a_cached_probe(family_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
+    setup = _setup(family_dir("phimoe"), "full", 256, False)
+    first = estimate(setup)
+    assert "2-layer fake-tensor probe" in first.notes["activations"]
+    assert first.per_gpu["activations"] == simulate(setup, progress=False).per_gpu["activations"]
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    import moekit.simulate
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("the cached probe should be reused")
+
+    monkeypatch.setattr(moekit.simulate, "simulate_step", no_simulation)
+    assert estimate(setup).per_gpu["activations"] == first.per_gpu["activations"]
+
+
+def test_analytic_families_carry_no_probe_note(family_dir):
+    assert "activations" not in estimate(_setup(family_dir("qwen3_moe"), "full", 256, False)).notes
