@@ -9,6 +9,9 @@ what each harness does with the logits outside the layers cancels out.
 """
 
 import itertools
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,3 +153,36 @@ def test_an_unknown_moe_family_is_calibrated_by_a_cached_probe(family_dir, tmp_p
 
 def test_analytic_families_carry_no_probe_note(family_dir):
     assert "activations" not in estimate(_setup(family_dir("qwen3_moe"), "full", 256, False)).notes
+
+
+def test_moekit_models_lists_the_new_presets_and_the_families(capsys):
+    from moekit.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "671,026,404,352" in out and "qwen3-30b-a3b" in out and "gpt-oss-20b" in out
+    assert "families with checked activation formulas: mixtral" in out and "2-layer fake-tensor probe" in out
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "deepseek-v3"])
+def test_moekit_estimate_plans_the_new_presets(model, capsys):
+    from moekit.cli import main
+
+    assert main(["estimate", "--model", model, "--method", "lora", "--checkpointing", "--zero", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["per_gpu"]["activations"] > 0 and data["per_gpu"]["weights"] > 0
+
+
+def test_moekit_estimate_takes_a_folder_with_a_family_config(family_dir, capsys):
+    from moekit.cli import main
+
+    assert main(["estimate", "--model", family_dir("deepseek_v3"), "--gpus", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["per_gpu"]["activations"] > 0
+
+
+def test_a_config_that_is_not_a_causal_lm_gets_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    result = subprocess.run([sys.executable, "-m", "moekit", "estimate", "--model", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'t5' model, which is not a causal language model" in result.stderr
