@@ -12,6 +12,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,17 @@ def test_a_config_that_is_not_a_causal_lm_gets_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "'t5' model, which is not a causal language model" in result.stderr
+
+
+def test_per_layer_extrapolation_keeps_deepseeks_dense_first_layer_apart(tmp_path):
+    from family_configs import _COMMON
+
+    from moekit.simulate import simulate_per_layer
+
+    folder = write_family_config("deepseek_v3", tmp_path / "deepseek")
+    data = json.loads((Path(folder) / "config.json").read_text())
+    (Path(folder) / "config.json").write_text(json.dumps({**_COMMON, **data, "num_hidden_layers": 4}))
+    setup = _setup(folder, "full", 128, False)
+    extrapolated = simulate_per_layer(setup, progress=False)
+    assert extrapolated.per_gpu["activations"] == simulate(setup, progress=False).per_gpu["activations"]
+    assert extrapolated.notes["method"].startswith("1 dense + 1 and 2 layers")
