@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
+from moekit.errors import MoekitError
+
 #: Names transformers gives a decoder layer's feed-forward block, across families.
 _FFN_BLOCK_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 #: Names of the always-on shared expert(s) inside an MoE block, across families.
@@ -27,7 +29,7 @@ _ROUTER_NAMES = ("gate", "router")
 _ATTENTION_NAMES = ("self_attn", "attention", "attn")
 
 
-class ArchError(ValueError):
+class ArchError(MoekitError):
     """The model's structure is not one moekit can read (the message says what it found)."""
 
 

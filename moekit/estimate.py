@@ -304,12 +304,12 @@ def _norm_bytes(arch: Arch, width_bytes: int, size: int, trainable: bool) -> int
     return norm_saved_bytes(arch.norm_class, size, width_bytes, trainable)
 
 
-def _uses_math_sdpa(arch: Arch) -> bool:
+def _uses_math_sdpa(arch: Arch, attn_implementation: str) -> bool:
     """MLA's values are narrower than its queries and keys (128 vs 192 per head in DeepSeek-V3); SDPA's
     fused CPU kernels refuse unequal head dims, so PyTorch takes its math path, which upcasts to fp32
     and keeps the a x s x s probabilities. (CUDA's memory-efficient and cuDNN kernels accept these
     shapes; ``flash_attention_2`` pads the values instead. Not measured on a GPU here.)"""
-    return arch.attention == "mla" and arch.v_dim != arch.k_dim
+    return attn_implementation == "sdpa" and arch.attention == "mla" and arch.v_dim != arch.k_dim
 
 
 def attention_bytes_per_token(setup: TrainingSetup) -> int:
@@ -328,7 +328,7 @@ def attention_bytes_per_token(setup: TrainingSetup) -> int:
         if a.q_lora_rank:
             total += _norm_bytes(a, w, a.q_lora_rank, t.full) + (w * a.q_lora_rank if t.attention_trains("q_b_proj") else 0)
         total += _norm_bytes(a, w, a.kv_lora_rank, t.full) + (w * a.kv_lora_rank if t.attention_trains("kv_b_proj") else 0)
-        if _uses_math_sdpa(a):
+        if _uses_math_sdpa(a, setup.attn_implementation):
             # math SDPA: fp32 q, k, v (the s^2 probabilities are in mla_math_bytes); o_proj's input.
             total += 4 * (a.q_dim + a.k_dim + a.v_dim)
             return total + (w * a.v_dim if t.attention_trains("o_proj") else 0)
@@ -474,7 +474,7 @@ def layer_bytes(setup: TrainingSetup, layer: LayerArch) -> int:
         total += lora_merged_expert_bytes(setup)
     if a.sinks:
         total += sink_attention_bytes(setup)
-    elif _uses_math_sdpa(a):
+    elif _uses_math_sdpa(a, setup.attn_implementation):
         total += mla_math_bytes(setup)
     elif setup.attn_implementation == "eager":
         total += eager_attention_bytes(setup)
@@ -513,8 +513,12 @@ def is_calibrated(setup: TrainingSetup) -> bool:
 
 
 def activation_notes(setup: TrainingSetup) -> dict[str, str]:
-    """The estimate's notes about its activations: the probe that calibrated them, if any."""
+    """The estimate's notes about its activations: the probe that calibrated them, or MLA's math path."""
     if not is_calibrated(setup):
+        if _uses_math_sdpa(model_facts(setup.model).arch, setup.attn_implementation):
+            return {"activations": "MLA's unequal q/k and v head dims send SDPA to its math path on the CPU, "
+                    "which keeps fp32 a x s x s probabilities per layer (included); CUDA's memory-efficient "
+                    "kernel may not keep them (not measured on a GPU here)"}
         return {}
     from moekit.probe import calibrate
 
