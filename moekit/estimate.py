@@ -93,7 +93,8 @@ def _facts_from_arch(arch: Arch, num_layers: int, outside: tuple[int, int, int])
     typical = next((layer for layer in layers if layer.moe), layers[0])
     num_params_outside_layers, embedding, lm_head = outside
     # ZeRO-3 gathers one module at a time: the embedding, lm_head, or one layer's attention / experts / MLP.
-    per_layer_units = [layer.count(c) for layer in layers for c in ("experts", "mlp", "attention", "shared_experts")]
+    kinds = list(dict.fromkeys(layers))  # one layer of each kind (MoE, dense): units repeat per layer
+    per_layer_units = [layer.count(c) for layer in kinds for c in ("experts", "mlp", "attention", "shared_experts")]
     units = sorted([embedding, lm_head, *per_layer_units], reverse=True)
     return ModelFacts(
         arch=arch,
@@ -368,8 +369,9 @@ def router_bytes_per_token(setup: TrainingSetup) -> int:
     if a.router_scoring == "topk_softmax":
         # gpt-oss: the top-k indices (int64) and the softmax over the top-k logits.
         return 8 * k + w * k
-    # Its input is the MoE block's input, counted once in ffn_bytes_per_token.
-    return 4 * E + (8 * k + 4 if a.normalizes_top_k else k)
+    # Softmax probabilities (fp32), top-k weights and their renormalization; its input is the MoE
+    # block's input, counted once in ffn_bytes_per_token.
+    return 4 * E + (12 * k + 4 if a.normalizes_top_k else 5 * k)
 
 
 def experts_bytes_per_token(setup: TrainingSetup) -> int:
