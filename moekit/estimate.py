@@ -19,6 +19,7 @@ and checked against ``moekit.simulate`` (a full-size step under FakeTensorMode) 
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from dataclasses import dataclass
@@ -541,11 +542,12 @@ def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
             kept_inputs = num_layers * tokens * _width(setup) * f.hidden + eager_mask_bytes(setup, f)
             return kept_inputs + outside, probe.layer_bytes
         return probe.outside_bytes + num_moe * probe.layer_bytes, 0
-    per_layer = [layer_bytes(setup, layer) for layer in f.layers]
+    counts = collections.Counter(f.layers)  # each kind of layer (MoE, dense, sliding) computed once
+    per_kind = {layer: layer_bytes(setup, layer) for layer in counts}
     if setup.activation_checkpointing:
         kept_inputs = num_layers * tokens * _width(setup) * f.hidden + eager_mask_bytes(setup, f)
-        return kept_inputs + outside, max(per_layer)
-    return sum(per_layer) + outside, 0
+        return kept_inputs + outside, max(per_kind.values())
+    return sum(count * per_kind[layer] for layer, count in counts.items()) + outside, 0
 
 
 def eager_mask_bytes(setup: TrainingSetup, f: ModelFacts) -> int:
