@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 from moekit.arch import arch_of
 from moekit.estimate import estimate
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--models", default=",".join(PRESETS))
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' checkpointing rename
     print(f"{'model':<18}{'method':<7}{'layers':>7}{'est act GiB':>13}{'sim act GiB':>13}{'error':>9}"
           f"{'weights equal':>15}{'sim s':>7}  note")
     for model in args.models.split(","):
