@@ -538,10 +538,10 @@ def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
 
         probe = calibrate(setup)
         num_moe = sum(layer.moe for layer in f.layers)
-        if setup.activation_checkpointing:
-            kept_inputs = num_layers * tokens * _width(setup) * f.hidden + eager_mask_bytes(setup, f)
-            return kept_inputs + outside, probe.layer_bytes
-        return probe.outside_bytes + num_moe * probe.layer_bytes, 0
+        kept = probe.outside_bytes + num_moe * probe.layer_bytes
+        if setup.activation_checkpointing:  # the layer recomputed in backward: a probe without checkpointing
+            return kept, calibrate(setup.replace(activation_checkpointing=False)).layer_bytes
+        return kept, 0
     counts = collections.Counter(f.layers)  # each kind of layer (MoE, dense, sliding) computed once
     per_kind = {layer: layer_bytes(setup, layer) for layer in counts}
     if setup.activation_checkpointing:

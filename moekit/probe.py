@@ -28,7 +28,7 @@ DEFAULT_CACHE_DIR = Path("~/.cache/moekit/probes")
 class ProbeResult:
     """Activation bytes at the end of forward, split into one MoE layer and the rest (per micro-batch)."""
 
-    layer_bytes: int  # one MoE decoder layer, no checkpointing
+    layer_bytes: int  # one MoE decoder layer (with checkpointing: what it keeps until backward)
     outside_bytes: int  # everything else of a model with the dense first layers (if any) and no MoE layer
     num_probed_layers: int  # MoE layers in the larger probe
     seconds: float  # how long the probe took when it ran
@@ -44,9 +44,8 @@ def cache_dir() -> Path:
 
 def _probe_setup(setup: TrainingSetup) -> TrainingSetup:
     """The setup's saved-tensor knobs on one rank without ZeRO (what states the optimizer keeps does not
-    change what a layer saves) and without checkpointing (the estimate needs the whole layer)."""
-    return setup.replace(zero_stage=0, offload="none", gpus_per_node=1, num_nodes=1, grad_accum=1,
-                         activation_checkpointing=False)
+    change what a layer saves)."""
+    return setup.replace(zero_stage=0, offload="none", gpus_per_node=1, num_nodes=1, grad_accum=1)
 
 
 def cache_key(setup: TrainingSetup) -> str:
@@ -59,7 +58,7 @@ def cache_key(setup: TrainingSetup) -> str:
 
     probe = _probe_setup(setup)
     knobs = {k: v for k, v in probe.as_dict().items() if k in (
-        "method", "lora", "precision", "seq_len", "micro_batch", "attn_implementation")}
+        "method", "lora", "precision", "seq_len", "micro_batch", "attn_implementation", "activation_checkpointing")}
     data = {
         "config": as_config(setup.model).to_dict(),
         "knobs": knobs,

@@ -201,3 +201,11 @@ def test_per_layer_extrapolation_keeps_deepseeks_dense_first_layer_apart(tmp_pat
     extrapolated = simulate_per_layer(setup, progress=False)
     assert extrapolated.per_gpu["activations"] == simulate(setup, progress=False).per_gpu["activations"]
     assert extrapolated.notes["method"].startswith("1 dense + 1 and 2 layers")
+
+
+def test_the_probe_also_calibrates_checkpointed_runs(family_dir, tmp_path, monkeypatch):
+    # GraniteMoE's scaled embeddings keep more than the layer inputs under checkpointing with LoRA:
+    # the probe sees it (the analytic kept-inputs rule was 9% low here).
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
+    setup = _setup(family_dir("granitemoe"), "lora", 128, True)
+    assert estimate(setup).per_gpu["activations"] == simulate(setup, progress=False).per_gpu["activations"]
