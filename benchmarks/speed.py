@@ -20,7 +20,22 @@ def time_per_call(function, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def census_seconds(model: str) -> float:
+    """Seconds for the exact census of a preset built on the meta device, after transformers' imports."""
+    import importlib
+
+    from moekit.arch import causal_lm_class
+    from moekit.models import load_config, parameter_census
+
+    importlib.import_module(causal_lm_class(load_config(model)).__module__)  # the one-time import
+    start = time.perf_counter()
+    parameter_census(model)
+    return time.perf_counter() - start
+
+
 def main() -> None:
+    print(f"census: DeepSeek-V3 (671B, 61 layers) in {census_seconds('deepseek-v3') * 1e3:.0f} ms "
+          "once its transformers modeling code is imported")
     setup = TrainingSetup(seq_len=12288, precision="fp16")
     first_start = time.perf_counter()
     estimate(setup)

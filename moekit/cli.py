@@ -154,7 +154,7 @@ def print_json(data: object) -> None:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
-        help="list the bundled model presets with exact parameter counts",
+        help="list the bundled model presets with exact parameter counts, and the model families",
         description="List the bundled model presets: total parameters, parameters active per token "
         "(only the top-k routed experts count), experts and top-k. Or census one model with --model.",
     )
@@ -191,6 +191,13 @@ def _run_models(args: argparse.Namespace) -> None:
             f"{census['name']:<20}{census['num_params']:>18,}{census['num_active_params']:>18,}"
             f"{census['num_experts']:>9}{census['experts_per_token']:>7}  {description}"
         )
+    if not args.model:
+        from moekit.estimate import ANALYTIC_FAMILIES
+
+        print(f"\nfamilies with checked activation formulas: {', '.join(ANALYTIC_FAMILIES)}.")
+        print("any other decoder-only model transformers builds (phimoe, granitemoe, hunyuan_v1_moe, llama4_text, "
+              "...): --model a folder with its config.json; its activations are calibrated by a 2-layer "
+              "fake-tensor probe (cached).")
     if args.model:
         print("\nby component:")
         for component, count in censuses[0]["num_params_by_component"].items():

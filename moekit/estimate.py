@@ -19,17 +19,19 @@ and checked against ``moekit.simulate`` (a full-size step under FakeTensorMode) 
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import math
 from dataclasses import dataclass
 
+from moekit.arch import Arch, LayerArch, norm_saved_bytes
 from moekit.breakdown import Breakdown
 from moekit.cache import disk_cached
 from moekit.errors import MoekitError
 from moekit.training_setup import LoraSpec, SetupError, TrainingSetup
 
-# moekit.models (torch, transformers) is imported inside the functions that build a model on the meta
-# device; their results are cached on disk (moekit.cache), so a warm estimate imports neither.
+# moekit.models and moekit.arch's readers (torch, transformers) are imported inside the functions that
+# build a model on the meta device; their results are cached on disk (moekit.cache), so a warm estimate
+# imports neither.
 
 # ---------------------------------------------------------------------------------------------
 # Documented constants
@@ -52,8 +54,10 @@ ALLOCATOR_RESERVE_FRACTION = 0.05
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """Shapes and exact counts the memory model needs (from the config and a meta-device census)."""
+    """Shapes and exact counts the memory model needs, all read from ``moekit.arch`` (the model built
+    on the meta device): widths of one decoder layer and counts over the layers kept."""
 
+    arch: Arch
     num_layers: int
     hidden: int
     kv_hidden: int
@@ -66,84 +70,136 @@ class ModelFacts:
     shared_ffn: int
     dense_ffn: int
     num_params: int
-    num_params_per_layer: int
+    num_params_per_layer: int  # of an MoE layer (of layer 0 in a dense model)
     num_params_outside_layers: int
     num_expert_params_per_layer: int
     largest_module_params: int
     largest_param_per_layer: int
     second_largest_module_params: int
-    qk_norm: bool  # OLMoE normalizes q and k over the full projection
+    qk_norm: str  # "none", "head" (Qwen3, GLM, Hunyuan) or "full" (OLMoE)
     sliding_window: int | None  # Mistral attends to the last 4096 tokens only
     normalizes_top_k: bool  # Mixtral renormalizes the top-k router weights (one more saved tensor)
     max_positions: int | None = None  # max_position_embeddings: the longest sequence the model is made for
 
+    @property
+    def layers(self) -> tuple[LayerArch, ...]:
+        """The decoder layers kept (all of them, or the first num_layers of a truncated model)."""
+        return self.arch.layers[: self.num_layers]
 
-@disk_cached("model_facts", lambda data: ModelFacts(**data))
-def model_facts(model: str) -> ModelFacts:
-    from moekit.models import as_config, build_model, moe_shape, parameter_census, per_layer_census
+    @property
+    def num_fp32_params(self) -> int:
+        """Parameters a 16-bit run keeps in fp32 (DeepSpeed honours _keep_in_fp32_modules_strict too)."""
+        return sum(layer.num_fp32_params for layer in self.layers)
 
-    config = as_config(model)
-    shape = moe_shape(config)
-    census = parameter_census(config)
-    layer = per_layer_census(config)
-    num_params_per_layer = sum(layer.values())
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    embedding = census.num_params_by_component.get("embeddings", 0)
-    layer_shapes = [p.numel() for n, p in build_model(config, "meta", num_layers=1).named_parameters() if ".layers.0." in n]
+
+def _tuples(data):
+    """JSON lists back into the tuples the frozen dataclasses hold (recursively)."""
+    if isinstance(data, list):
+        return tuple(_tuples(x) for x in data)
+    if isinstance(data, dict):
+        return {k: _tuples(v) for k, v in data.items()}
+    return data
+
+
+def _facts_from_json(data: dict) -> ModelFacts:
+    """``ModelFacts`` as ``moekit.cache`` stored it (dataclasses as dicts, tuples as lists)."""
+    data = _tuples(data)
+    arch = dict(data.pop("arch"))
+    arch["layers"] = tuple(LayerArch(**layer) for layer in arch["layers"])
+    return ModelFacts(arch=Arch(**arch), **data)
+
+
+def _facts_from_arch(arch: Arch, num_layers: int, outside: tuple[int, int, int], max_positions: int | None) -> ModelFacts:
+    """outside: (parameters outside the decoder layers, of which embedding, of which lm_head)."""
+    layers = arch.layers[:num_layers]
+    typical = next((layer for layer in layers if layer.moe), layers[0])
+    num_params_outside_layers, embedding, lm_head = outside
     # ZeRO-3 gathers one module at a time: the embedding, lm_head, or one layer's attention / experts / MLP.
-    units = sorted([embedding, census.num_params_by_component.get("lm_head", 0), layer.get("experts", 0),
-                    layer.get("mlp", 0), layer.get("attention", 0), layer.get("shared_experts", 0)], reverse=True)
+    kinds = list(dict.fromkeys(layers))  # one layer of each kind (MoE, dense): units repeat per layer
+    per_layer_units = [layer.count(c) for layer in kinds for c in ("experts", "mlp", "attention", "shared_experts")]
+    units = sorted([embedding, lm_head, *per_layer_units], reverse=True)
     return ModelFacts(
-        num_layers=config.num_hidden_layers,
-        hidden=config.hidden_size,
-        kv_hidden=kv_heads * head_dim,
-        num_heads=config.num_attention_heads,
-        head_dim=head_dim,
-        vocab=config.vocab_size,
-        num_experts=shape.num_experts,
-        experts_per_token=shape.experts_per_token,
-        expert_ffn=shape.expert_intermediate_size,
-        shared_ffn=shape.shared_expert_intermediate_size,
-        dense_ffn=0 if shape.num_experts else config.intermediate_size,
-        num_params=census.num_params,
-        num_params_per_layer=num_params_per_layer,
-        num_params_outside_layers=census.num_params - config.num_hidden_layers * num_params_per_layer,
-        num_expert_params_per_layer=layer.get("experts", 0),
+        arch=arch,
+        num_layers=num_layers,
+        hidden=arch.hidden,
+        kv_hidden=arch.k_dim,
+        num_heads=arch.num_heads,
+        head_dim=arch.head_dim,
+        vocab=arch.vocab,
+        num_experts=arch.num_experts,
+        experts_per_token=arch.experts_per_token,
+        expert_ffn=arch.expert_ffn,
+        shared_ffn=arch.shared_ffn,
+        dense_ffn=arch.dense_ffn,
+        num_params=num_params_outside_layers + sum(layer.num_params for layer in layers),
+        num_params_per_layer=typical.num_params,
+        num_params_outside_layers=num_params_outside_layers,
+        num_expert_params_per_layer=typical.count("experts"),
         largest_module_params=units[0],
-        largest_param_per_layer=max(layer_shapes),
+        largest_param_per_layer=max(layer.largest_param for layer in layers),
         second_largest_module_params=units[1],
-        qk_norm=config.model_type == "olmoe",
-        sliding_window=getattr(config, "sliding_window", None) or None,
-        normalizes_top_k=bool(getattr(config, "norm_topk_prob", config.model_type == "mixtral")),
-        max_positions=getattr(config, "max_position_embeddings", None),
+        qk_norm=arch.qk_norm,
+        sliding_window=max((layer.sliding_window or 0 for layer in layers), default=0) or None,
+        normalizes_top_k=arch.normalizes_top_k,
+        max_positions=max_positions,
     )
 
 
+@disk_cached("outside_counts", tuple)
+def _outside_counts(model: str) -> tuple[int, int, int]:
+    """(parameters outside the decoder layers, embedding, lm_head) from the meta-device census."""
+    from moekit.arch import arch_of
+    from moekit.models import as_config, parameter_census
+
+    census = parameter_census(model)
+    arch = arch_of(as_config(model))
+    inside = sum(layer.num_params for layer in arch.layers)
+    by = census.num_params_by_component
+    return census.num_params - inside, by.get("embeddings", 0), by.get("lm_head", 0)
+
+
+@disk_cached("model_facts", lambda data: _facts_from_json(data))
+def model_facts(model: str) -> ModelFacts:
+    from moekit.arch import arch_of
+    from moekit.models import as_config
+
+    config = as_config(model)
+    arch = arch_of(config)
+    return _facts_from_arch(arch, arch.num_layers, _outside_counts(model), getattr(config, "max_position_embeddings", None))
+
+
 def facts_for(setup: TrainingSetup, num_layers: int | None = None) -> ModelFacts:
-    """The model's facts, truncated to num_layers identical decoder layers when given."""
+    """The model's facts, truncated to its first num_layers decoder layers when given."""
     facts = model_facts(setup.model)
     if num_layers is None or num_layers == facts.num_layers:
         return facts
-    num_params = facts.num_params_outside_layers + num_layers * facts.num_params_per_layer
-    return dataclasses.replace(facts, num_layers=num_layers, num_params=num_params)
+    arch = facts.arch
+    if num_layers > arch.num_layers:
+        from moekit.arch import arch_of
+        from moekit.models import as_config, config_with_layers
+
+        arch = arch_of(config_with_layers(as_config(setup.model), num_layers))
+    return _facts_from_arch(arch, num_layers, _outside_counts(setup.model), facts.max_positions)
 
 
-@disk_cached("lora_counts", tuple)
-def _lora_counts_per_layer(model: str, spec: LoraSpec) -> tuple[int, int]:
-    """(LoRA trainable params per decoder layer, of which on fused expert tensors) for a LoRA spec."""
+@disk_cached("lora_params", int)
+def _num_lora_params(model: str, spec: LoraSpec, num_layers: int) -> int:
+    """LoRA adapter parameters of the model's first num_layers decoder layers (layers may differ:
+    DeepSeek's dense first layers carry no expert adapters)."""
     from moekit.lora import lora_census
+    from moekit.models import as_config, config_with_layers
 
-    census = lora_census(model, spec)
-    num_layers = model_facts(model).num_layers
-    return census.num_trainable_params // num_layers, census.by_group.get("experts", 0) // num_layers
+    config = as_config(model)
+    if num_layers != config.num_hidden_layers:
+        config = config_with_layers(config, num_layers)
+    return lora_census(config, spec).num_trainable_params
 
 
 def num_trainable_params(setup: TrainingSetup, facts: ModelFacts | None = None) -> int:
     """Parameters that get gradients and optimizer state: all of them, or only the LoRA adapters."""
     facts = facts or model_facts(setup.model)
     if setup.uses_lora:
-        return facts.num_layers * _lora_counts_per_layer(setup.model, setup.lora)[0]
+        return _num_lora_params(setup.model, setup.lora, facts.num_layers)
     return facts.num_params
 
 
@@ -172,7 +228,7 @@ def _base_weight_bytes(setup: TrainingSetup, facts: ModelFacts) -> int:
     """Bytes of the (frozen or trained) base weights in their working precision, whole model."""
     width = 4 if setup.precision == "fp32" else 2
     if setup.method != "qlora":
-        return facts.num_params * width
+        return facts.num_params * width + (4 - width) * facts.num_fp32_params
     from moekit.lora import QuantSpec
 
     num_quantized = _num_quantized_params(setup.model)
@@ -244,14 +300,23 @@ class Trainability:
 
     full: bool  # every weight trains (norms, router, embeddings, lm_head included)
     num_attention_lora: int  # LoRA-adapted attention Linears per layer
-    qkv_lora: bool  # a LoRA on q/k/v needs the shared normalized input
+    qkv_lora: bool  # a LoRA on q/k/v (MLA: q_a/kv_a) needs the shared normalized input
     experts_lora: bool  # LoRA on the fused expert tensors (peft ParamWrapper)
     router_lora: bool
     shared_experts_lora: bool
     mlp_lora: bool  # dense models' gate/up/down_proj
+    attention_lora: tuple[str, ...] = ()  # the adapted attention Linears' own names (q_b_proj, o_proj...)
+
+    def attention_trains(self, name: str) -> bool:
+        """Whether an attention Linear's input is saved: it trains, or carries a LoRA."""
+        return self.full or name in self.attention_lora
 
 
-@disk_cached("trainability", lambda data: Trainability(**data))
+#: Attention Linears that read the layer's normalized input (GQA's q/k/v, MLA's q_a/kv_a or q).
+_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
+
+
+@disk_cached("trainability", lambda data: Trainability(**_tuples(data)))
 def trainability(model: str, method: str, spec: LoraSpec) -> Trainability:
     if method == "full":
         return Trainability(True, 0, False, False, False, False, False)
@@ -259,70 +324,178 @@ def trainability(model: str, method: str, spec: LoraSpec) -> Trainability:
 
     groups = resolve_targets(spec, model).groups
     attention = groups.get("attention", ())
+    leaves = tuple(name.split(".")[-1] for name in attention)
     return Trainability(
         full=False,
         num_attention_lora=len(attention),
-        qkv_lora=any(name.split(".")[-1] in ("q_proj", "k_proj", "v_proj") for name in attention),
+        qkv_lora=any(leaf in _INPUT_PROJECTIONS for leaf in leaves),
         experts_lora=bool(groups.get("experts")),
         router_lora=bool(groups.get("router")),
         shared_experts_lora=bool(groups.get("shared_experts")),
         mlp_lora=bool(groups.get("mlp")),
+        attention_lora=leaves,
     )
 
 
-def _norm_bytes(width_bytes: int, size: int, trainable: bool) -> int:
-    """RMSNorm keeps an fp32 copy of its input and the rstd; its normalized output if the weight trains."""
-    return 4 * size + 4 + (width_bytes * size if trainable else 0)
+def _width(setup: TrainingSetup) -> int:
+    return 4 if setup.precision == "fp32" else 2
 
 
-def layer_bytes_per_token(setup: TrainingSetup) -> int:
-    """Bytes one middle decoder layer saves for backward per token (sdpa attention).
+def _norm_bytes(arch: Arch, width_bytes: int, size: int, trainable: bool) -> int:
+    """What one norm saves per row (its class measured by ``moekit.arch.norm_saved_bytes``): RMSNorm
+    an fp32 input copy, the rstd and, when its weight trains, the normalized input."""
+    return norm_saved_bytes(arch, size, width_bytes, trainable)
 
-    Derived tensor by tensor from what autograd saves in the Hugging Face modules (docs/memory_model.md)
-    and equal, to within a few bytes, to MemTracker's count on every preset.
-    """
+
+def _uses_math_sdpa(arch: Arch, attn_implementation: str) -> bool:
+    """MLA's values are narrower than its queries and keys (128 vs 192 per head in DeepSeek-V3); SDPA's
+    fused CPU kernels refuse unequal head dims, so PyTorch takes its math path, which upcasts to fp32
+    and keeps the a x s x s probabilities. (CUDA's memory-efficient and cuDNN kernels accept these
+    shapes; ``flash_attention_2`` pads the values instead. Not measured on a GPU here.)"""
+    return attn_implementation == "sdpa" and arch.attention == "mla" and arch.v_dim != arch.k_dim
+
+
+def attention_bytes_per_token(setup: TrainingSetup) -> int:
+    """Bytes the attention block (its input norm included) saves per token, besides terms in s^2."""
     f = model_facts(setup.model)
+    a = f.arch
     t = trainability(setup.model, setup.method, setup.lora)
-    w = 4 if setup.precision == "fp32" else 2
-    h, hkv, a = f.hidden, f.kv_hidden, f.num_heads
-    # Attention block: input norm, q/k/v input, LoRA A outputs, SDPA's q, k, v, output and logsumexp.
-    total = _norm_bytes(w, h, t.full)
+    w = _width(setup)
+    h, heads = a.hidden, a.num_heads
+    # Input norm, the normalized input the projections read, LoRA A outputs.
+    total = _norm_bytes(a, w, h, t.full)
     total += w * h if (t.full or t.qkv_lora) else 0
     total += w * setup.lora.r * t.num_attention_lora
-    total += w * (2 * h + 2 * hkv) + 4 * a
-    if f.qk_norm:
-        total += _norm_bytes(w, h, t.full) + _norm_bytes(w, hkv, t.full)
-    # MLP block: post-attention norm, router, routed experts, shared expert or dense MLP.
-    total += _norm_bytes(w, h, t.full)
-    if f.num_experts:
-        k = f.experts_per_token
-        total += w * h if (t.full or t.router_lora) else 0
-        total += 4 * f.num_experts + (36 * k + 4 if f.normalizes_top_k else 29 * k)
-        expert_trains = t.full or t.experts_lora
-        total += k * ((2 * w * h + 4 * w * f.expert_ffn + 4) if expert_trains else (w * h + 3 * w * f.expert_ffn + 4))
-        if f.shared_ffn:
-            shared_trains = t.full or t.shared_experts_lora
-            total += (4 if shared_trains else 3) * w * f.shared_ffn + w * h + 2
-    else:
-        mlp_trains = t.full or t.mlp_lora
-        total += (w * h + 4 * w * f.dense_ffn) if mlp_trains else 3 * w * f.dense_ffn
+    if a.attention == "mla":
+        # Compressed query (V3) and key/value latent: each normalized, then read by its up-projection.
+        if a.q_lora_rank:
+            total += _norm_bytes(a, w, a.q_lora_rank, t.full) + (w * a.q_lora_rank if t.attention_trains("q_b_proj") else 0)
+        total += _norm_bytes(a, w, a.kv_lora_rank, t.full) + (w * a.kv_lora_rank if t.attention_trains("kv_b_proj") else 0)
+        if _uses_math_sdpa(a, setup.attn_implementation):
+            # math SDPA: fp32 q, k, v (the s^2 probabilities are in mla_math_bytes); o_proj's input.
+            total += 4 * (a.q_dim + a.k_dim + a.v_dim)
+            return total + (w * a.v_dim if t.attention_trains("o_proj") else 0)
+        return total + w * (2 * a.q_dim + a.k_dim + a.v_dim) + 4 * heads
+    if a.qk_norm == "full":  # OLMoE: one norm over all heads' q, one over k
+        total += _norm_bytes(a, w, a.q_dim, t.full) + _norm_bytes(a, w, a.k_dim, t.full)
+    elif a.qk_norm == "head":  # Qwen3, GLM, Hunyuan: a norm per head of q and of k
+        num_kv_heads = a.k_dim // a.head_dim
+        total += (heads + num_kv_heads) * _norm_bytes(a, w, a.head_dim, t.full)
+    if a.sinks:
+        # gpt-oss (eager only): q, k and v repeated to every head, the sink logits' max (int64),
+        # o_proj's input; the s x (s + 1) probabilities are in sink_attention_bytes.
+        return total + w * (2 * a.q_dim + 2 * heads * a.head_dim) + 8 * heads
+    # SDPA (flash on the CPU): q, k, v, its output and the fp32 logsumexp.
+    total += w * (2 * a.q_dim + a.k_dim + a.v_dim) + 4 * heads
+    if a.rotary_table_width < 2 * a.head_dim and t.attention_trains("o_proj"):
+        # Partial rotary (GLM) concatenates q back head-major, so SDPA's output comes out head-major
+        # and o_proj reads a token-major copy of it.
+        total += w * a.q_dim
     return total
+
+
+def router_bytes_per_token(setup: TrainingSetup) -> int:
+    """Bytes the router of one MoE layer saves per token: its input when it trains, scores, top-k."""
+    f = model_facts(setup.model)
+    a = f.arch
+    t = trainability(setup.model, setup.method, setup.lora)
+    w = _width(setup)
+    E, k = a.num_experts, a.experts_per_token
+    trains = t.full or t.router_lora
+    if a.router_scoring == "sigmoid" or a.router_fp32:
+        # fp32 input, sigmoid scores, the group mask (bool), group top-2 and group indices (int64),
+        # the top-k indices (int64) and weights (fp32), the renormalizing sum.
+        groups, kept = a.router_groups
+        total = (4 * a.hidden if trains else 0) + 5 * E + 16 * groups + 8 * kept + 12 * k
+        return total + (4 if a.normalizes_top_k else 0)
+    if a.router_scoring == "topk_softmax":
+        # gpt-oss: the top-k indices (int64) and the softmax over the top-k logits.
+        return 8 * k + w * k
+    # Softmax probabilities (fp32), top-k weights and their renormalization; its input is the MoE
+    # block's input, counted once in ffn_bytes_per_token.
+    return 4 * E + (12 * k + 4 if a.normalizes_top_k else 5 * k)
+
+
+def experts_bytes_per_token(setup: TrainingSetup) -> int:
+    """Bytes the routed experts of one MoE layer save per token (grouped_mm path): each of the top-k
+    copies of the token's input, gate/up output and activations, routing indices and weights."""
+    f = model_facts(setup.model)
+    a = f.arch
+    t = trainability(setup.model, setup.method, setup.lora)
+    w = _width(setup)
+    k, h, ffn = a.experts_per_token, a.hidden, a.expert_ffn
+    trains = t.full or t.experts_lora
+    if a.experts_bias:
+        # gpt-oss: clamped gate and up, sigmoid, the GLU and its product (5 x ffn) on top of gate_up.
+        per_copy = (2 * w * h + 7 * w * ffn) if trains else (w * h + 6 * w * ffn)
+        return k * (per_copy + w + 32)
+    per_copy = (2 * w * h + 4 * w * ffn) if trains else (w * h + 3 * w * ffn)
+    return k * (per_copy + 28)
+
+
+def ffn_bytes_per_token(setup: TrainingSetup, layer: LayerArch) -> int:
+    """Bytes the feed-forward block saves per token: MoE (router, experts, shared experts) or dense MLP."""
+    f = model_facts(setup.model)
+    a = f.arch
+    t = trainability(setup.model, setup.method, setup.lora)
+    w = _width(setup)
+    total = _norm_bytes(a, w, a.hidden, t.full)  # post-attention norm
+    if not layer.moe:
+        mlp_trains = t.full or t.mlp_lora
+        return total + ((w * a.hidden + 4 * w * a.dense_ffn) if mlp_trains else 3 * w * a.dense_ffn)
+    total += router_bytes_per_token(setup) + experts_bytes_per_token(setup)
+    shared_trains = bool(a.shared_ffn) and (t.full or t.shared_experts_lora)
+    # The block's 16-bit input, read by a 16-bit router and by the shared expert when they train
+    # (an fp32 router saves its own fp32 copy instead, in router_bytes_per_token).
+    router_reads_it = (t.full or t.router_lora) and a.router_scoring != "sigmoid" and not a.router_fp32
+    total += w * a.hidden if (router_reads_it or shared_trains) else 0
+    if a.shared_ffn:
+        total += (4 if shared_trains else 3) * w * a.shared_ffn
+        # Qwen2-MoE scales the shared expert by sigmoid(gate(x)): its output and the sigmoid are kept.
+        total += w * a.hidden + 2 if a.shared_gate else 0
+    return total
+
+
+def _typical_layer(f: ModelFacts) -> LayerArch:
+    return next((layer for layer in f.layers if layer.moe), f.layers[0])
+
+
+def layer_bytes_per_token(setup: TrainingSetup, layer: LayerArch | None = None) -> int:
+    """Bytes one decoder layer saves for backward per token (default: an MoE layer), besides terms in s^2.
+
+    Derived tensor by tensor from what autograd saves in the Hugging Face modules (docs/memory_model.md)
+    and checked against MemTracker's count family by family (tests/test_families.py).
+    """
+    f = model_facts(setup.model)
+    return attention_bytes_per_token(setup) + ffn_bytes_per_token(setup, layer or _typical_layer(f))
 
 
 def eager_attention_bytes(setup: TrainingSetup) -> int:
     """Extra bytes per layer of eager attention: the a x s x s probabilities, and k/v repeated to all heads."""
     f = model_facts(setup.model)
-    w = 4 if setup.precision == "fp32" else 2
+    w = _width(setup)
     repeat_kv = 2 * w * f.hidden if f.kv_hidden < f.hidden else 0
     per_sequence = 3 * w * f.num_heads * setup.seq_len**2
     return setup.micro_batch * (per_sequence + setup.seq_len * (repeat_kv - 4 * f.num_heads))
+
+
+def sink_attention_bytes(setup: TrainingSetup) -> int:
+    """gpt-oss's eager attention keeps the 16-bit probabilities over s keys plus the sink: a x s x (s+1)."""
+    f = model_facts(setup.model)
+    return setup.micro_batch * _width(setup) * f.num_heads * setup.seq_len * (setup.seq_len + 1)
+
+
+def mla_math_bytes(setup: TrainingSetup) -> int:
+    """MLA under SDPA's math path keeps the fp32 a x s x s probabilities (see ``_uses_math_sdpa``)."""
+    f = model_facts(setup.model)
+    return setup.micro_batch * 4 * f.num_heads * setup.seq_len**2
 
 
 def sliding_window_mask_bytes(setup: TrainingSetup) -> int:
     """Sequences reaching a sliding window make SDPA take an explicit s x s mask, which each layer keeps,
     and a path that saves 3h more per token (MemTracker on Mistral 7B at 4096-8192 tokens)."""
     f = model_facts(setup.model)
-    w = 4 if setup.precision == "fp32" else 2
+    w = _width(setup)
     return setup.micro_batch * (w * setup.seq_len**2 + setup.seq_len * 3 * w * f.hidden // 2)
 
 
@@ -332,41 +505,99 @@ def lora_merged_expert_bytes(setup: TrainingSetup) -> int:
     t = trainability(setup.model, setup.method, setup.lora)
     if not t.experts_lora:
         return 0
-    w = 4 if setup.precision == "fp32" else 2
-    return w * model_facts(setup.model).num_expert_params_per_layer
+    return _width(setup) * model_facts(setup.model).num_expert_params_per_layer
+
+
+def layer_bytes(setup: TrainingSetup, layer: LayerArch) -> int:
+    """Bytes one decoder layer of this kind saves for backward at the setup's batch and length."""
+    f = model_facts(setup.model)
+    a = f.arch
+    tokens = setup.micro_batch * setup.seq_len
+    total = tokens * layer_bytes_per_token(setup, layer)
+    if layer.moe:
+        total += lora_merged_expert_bytes(setup)
+    if a.sinks:
+        total += sink_attention_bytes(setup)
+    elif _uses_math_sdpa(a, setup.attn_implementation):
+        total += mla_math_bytes(setup)
+    elif setup.attn_implementation == "eager":
+        total += eager_attention_bytes(setup)
+    elif layer.sliding_window and setup.seq_len >= layer.sliding_window:
+        total += sliding_window_mask_bytes(setup)
+    return total
 
 
 def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
     """Logits (returned in 16-bit, log-softmax kept in fp32), final norm and lm_head input when they train."""
     f = model_facts(setup.model)
+    a = f.arch
     t = trainability(setup.model, setup.method, setup.lora)
-    w = 4 if setup.precision == "fp32" else 2
-    rotary_tables = 2 * w * f.head_dim  # cos and sin, shared by every layer
+    w = _width(setup)
+    rotary_tables = (8 if a.rotary_complex else w) * a.rotary_table_width  # cos and sin, shared by every layer
     total = w * f.vocab + 4 * f.vocab + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN
     if t.full:
         # final norm (input copy + normalized) and lm_head's input; with frozen embeddings the first
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
-        total += _norm_bytes(w, f.hidden, True) + w * f.hidden
+        total += _norm_bytes(a, w, f.hidden, True) + w * f.hidden
     if setup.activation_checkpointing:
         # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
-        total += 0 if t.full else _norm_bytes(w, f.hidden, False)
+        total += 0 if t.full else _norm_bytes(a, w, f.hidden, False)
     return total
+
+
+#: Families whose layer terms above are checked against the simulation (tests/test_families.py) and
+#: dense families checked in tests/test_estimate.py; any other model is calibrated by a probe.
+ANALYTIC_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                     "glm4_moe", "llama", "mistral")
+
+
+def is_calibrated(setup: TrainingSetup) -> bool:
+    """Whether the estimate's activations come from a probe (a family with no checked formula)."""
+    return model_facts(setup.model).arch.model_type not in ANALYTIC_FAMILIES
+
+
+def activation_notes(setup: TrainingSetup) -> dict[str, str]:
+    """The estimate's notes about its activations: the probe that calibrated them, or MLA's math path."""
+    if not is_calibrated(setup):
+        if _uses_math_sdpa(model_facts(setup.model).arch, setup.attn_implementation):
+            return {"activations": "MLA's unequal q/k and v head dims send SDPA to its math path on the CPU, "
+                    "which keeps fp32 a x s x s probabilities per layer (included); CUDA's memory-efficient "
+                    "kernel may not keep them (not measured on a GPU here)"}
+        return {}
+    from moekit.probe import calibrate
+
+    return {"activations": calibrate(setup).note()}
 
 
 def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
     """(bytes saved for backward at the end of forward, bytes of one layer recomputed in backward)."""
-    f = model_facts(setup.model)
-    w = 4 if setup.precision == "fp32" else 2
+    f = facts_for(setup, num_layers)
     tokens = setup.micro_batch * setup.seq_len
-    one_layer = tokens * layer_bytes_per_token(setup) + lora_merged_expert_bytes(setup)
-    if setup.attn_implementation == "eager":
-        one_layer += eager_attention_bytes(setup)
-    elif f.sliding_window and setup.seq_len >= f.sliding_window:
-        one_layer += sliding_window_mask_bytes(setup)
     outside = tokens * outside_layers_bytes_per_token(setup)
+    if is_calibrated(setup):
+        from moekit.probe import calibrate
+
+        probe = calibrate(setup)
+        num_moe = sum(layer.moe for layer in f.layers)
+        kept = probe.outside_bytes + num_moe * probe.layer_bytes
+        if setup.activation_checkpointing:  # the layer recomputed in backward: a probe without checkpointing
+            return kept, calibrate(setup.replace(activation_checkpointing=False)).layer_bytes
+        return kept, 0
+    counts = collections.Counter(f.layers)  # each kind of layer (MoE, dense, sliding) computed once
+    per_kind = {layer: layer_bytes(setup, layer) for layer in counts}
     if setup.activation_checkpointing:
-        return num_layers * tokens * w * f.hidden + outside, one_layer
-    return num_layers * one_layer + outside, 0
+        kept_inputs = num_layers * tokens * _width(setup) * f.hidden + eager_mask_bytes(setup, f)
+        return kept_inputs + outside, max(per_kind.values())
+    return sum(count * per_kind[layer] for layer, count in counts.items()) + outside, 0
+
+
+def eager_mask_bytes(setup: TrainingSetup, f: ModelFacts) -> int:
+    """Eager attention takes an explicit s x s mask in the working dtype, one per kind of layer (full,
+    sliding); under checkpointing every layer's saved inputs hold it until backward."""
+    if not (f.arch.sinks or setup.attn_implementation == "eager"):
+        return 0
+    kinds = {layer.sliding_window for layer in f.layers}
+    return setup.micro_batch * _width(setup) * setup.seq_len**2 * len(kinds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +682,7 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         "overhead": overhead_bytes(allocated),
     }
     per_host, notes = host_or_nvme(setup, states.host_bytes)
+    notes.update(activation_notes(setup))
     return Breakdown(
         source="estimate",
         per_gpu=per_gpu,

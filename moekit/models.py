@@ -18,20 +18,11 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from moekit.arch import attention_implementation, component_of
 from moekit.catalog import list_presets, preset_description, preset_dir  # noqa: F401 (re-exported)
 from moekit.errors import MoekitError
 
 Device = Literal["meta", "cpu", "fake"]
-
-#: model_type -> the config attribute that holds the number of routed experts (None: dense model).
-SUPPORTED_MODEL_TYPES: dict[str, str | None] = {
-    "mixtral": "num_local_experts",
-    "qwen2_moe": "num_experts",
-    "qwen3_moe": "num_experts",
-    "olmoe": "num_experts",
-    "mistral": None,
-    "llama": None,
-}
 
 COMPONENTS = (
     "embeddings",
@@ -58,15 +49,25 @@ class ModelError(MoekitError):
 _preset_dir = preset_dir  # list_presets, preset_description and preset_dir live in moekit.catalog (no torch)
 
 
-def _config_from_dict(data: dict, source: str) -> PretrainedConfig:
+def causal_lm_model_types() -> list[str]:
+    """Every model_type the installed transformers builds as a decoder-only ``*ForCausalLM`` (BERT's
+    ``BertLMHeadModel`` and other encoder heads are left out)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls.endswith("ForCausalLM"))
+
+
+def config_from_dict(data: dict, source: str) -> PretrainedConfig:
+    """A transformers config from config.json data; a one-line error unless it is a causal LM."""
     data = {k: v for k, v in data.items() if not k.startswith("_moekit")}
     model_type = data.get("model_type")
     if model_type is None:
         raise ModelError(f"{source} has no 'model_type'; is it a Hugging Face config.json?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in causal_lm_model_types():
         raise ModelError(
-            f"{source} is a '{model_type}' model, which moekit does not support. "
-            f"Supported model types: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}."
+            f"{source} is a '{model_type}' model, which is not a causal language model transformers can "
+            "build (AutoModelForCausalLM); moekit plans decoder-only LMs such as mixtral, qwen3_moe, "
+            "deepseek_v3 or gpt_oss (list them with `moekit models`)."
         )
     data.pop("model_type")
     return AutoConfig.for_model(model_type, **data)
@@ -77,7 +78,7 @@ def load_config(model: str | Path) -> PretrainedConfig:
     model_str = str(model)
     if model_str in list_presets():
         path = _preset_dir() / f"{model_str}.json"
-        config = _config_from_dict(json.loads(path.read_text()), f"preset '{model_str}'")
+        config = config_from_dict(json.loads(path.read_text()), f"preset '{model_str}'")
         config.name_or_path = model_str
         return config
     path = Path(model_str).expanduser()
@@ -99,7 +100,7 @@ def load_config(model: str | Path) -> PretrainedConfig:
         data = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ModelError(f"{config_file} is not valid JSON: {err}") from err
-    config = _config_from_dict(data, str(config_file))
+    config = config_from_dict(data, str(config_file))
     config.name_or_path = str(path)
     return config
 
@@ -120,17 +121,11 @@ class MoEShape:
 
 
 def moe_shape(config: PretrainedConfig) -> MoEShape:
-    """Number of routed experts, top-k, and expert widths, whatever the model family calls them."""
-    attr = SUPPORTED_MODEL_TYPES.get(config.model_type)
-    if attr is None:
-        return MoEShape(0, 0, 0, 0)
-    intermediate = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    return MoEShape(
-        num_experts=int(getattr(config, attr)),
-        experts_per_token=int(config.num_experts_per_tok),
-        expert_intermediate_size=int(intermediate),
-        shared_expert_intermediate_size=int(getattr(config, "shared_expert_intermediate_size", 0) or 0),
-    )
+    """Number of routed experts, top-k, and expert widths, read from the model itself (moekit.arch)."""
+    from moekit.arch import arch_of
+
+    arch = arch_of(config)
+    return MoEShape(arch.num_experts, arch.experts_per_token, arch.expert_ffn, arch.shared_ffn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +165,7 @@ def build_model(
     seed: int = 0,
     dtype: torch.dtype | None = torch.float32,
     num_layers: int | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = "sdpa",
 ) -> torch.nn.Module:
     """Build a causal LM from a preset or config with no weights downloaded.
 
@@ -183,6 +178,7 @@ def build_model(
       does not work on fake tensors).
     """
     config = config_with_layers(as_config(model), num_layers)
+    attn_implementation = attention_implementation(config, attn_implementation)
     config._attn_implementation = attn_implementation
     if dtype is not None:
         config.dtype = dtype  # from_config follows the config's dtype (the presets say bfloat16) over the default
@@ -216,7 +212,8 @@ def load_pretrained(
     folder = Path(folder).expanduser()
     load_config(folder)  # a clear error for a missing config or an unsupported architecture
     return AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+        folder, local_files_only=True, dtype=dtype,
+        attn_implementation=attention_implementation(load_config(folder), attn_implementation),
     )
 
 
@@ -234,30 +231,6 @@ def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
 def logical_numel(param: torch.Tensor) -> int:
     """A parameter's full element count, also under ZeRO-3 (see ``logical_shape``)."""
     return math.prod(logical_shape(param))
-
-
-def component_of(param_name: str) -> str:
-    """Which component of a decoder-only LM a parameter belongs to, from its name."""
-    parts = param_name.split(".")
-    if any(part.startswith("lora_") for part in parts):
-        return "lora"
-    if "embed_tokens" in parts:
-        return "embeddings"
-    if parts[0] == "lm_head":
-        return "lm_head"
-    if "experts" in parts:
-        return "experts"
-    if "shared_expert" in parts or "shared_expert_gate" in parts:
-        return "shared_experts"
-    if "norm" in parts[-2] or "layernorm" in parts[-2]:
-        return "norms"
-    if "self_attn" in parts:
-        return "attention"
-    if "mlp" in parts and parts[parts.index("mlp") + 1] == "gate":
-        return "router"
-    if "mlp" in parts:
-        return "mlp"
-    raise ModelError(f"cannot tell which component '{param_name}' belongs to")
 
 
 @dataclass
@@ -335,12 +308,10 @@ def parameter_census(model: str | Path | PretrainedConfig) -> ParamCensus:
 
 
 def per_layer_census(model: str | Path | PretrainedConfig) -> dict[str, int]:
-    """Parameters of one decoder layer by component (all layers of these models are alike)."""
-    config = as_config(model)
-    layer = build_model(config, "meta", num_layers=1)
-    counts: dict[str, int] = {}
-    for param_name, param in layer.named_parameters():
-        if ".layers.0." in param_name:
-            component = component_of(param_name)
-            counts[component] = counts.get(component, 0) + param.numel()
-    return counts
+    """Parameters of one MoE decoder layer by component (of layer 0 in a dense model); models with
+    dense first layers (DeepSeek, GLM) hold other layers too: ``moekit.arch.arch_of(...).layers``."""
+    from moekit.arch import arch_of
+
+    layers = arch_of(as_config(model)).layers
+    layer = next((lay for lay in layers if lay.moe), layers[0])
+    return dict(layer.num_params_by_component)

@@ -106,9 +106,15 @@ def _split(one: dict[str, int], two: dict[str, int]) -> tuple[dict[str, int], di
 
 
 def layer_costs(setup: TrainingSetup, *, progress: bool = True) -> LayerCosts:
-    """Simulate 1 and 2 decoder layers of the setup and split every figure into outside + per layer."""
-    one = simulate_step(setup, num_layers=1, progress=progress)
-    two = simulate_step(setup, num_layers=2, progress=progress)
+    """Simulate 1 and 2 decoder layers of the setup and split every figure into outside + per layer.
+
+    Models with dense first layers (DeepSeek, GLM) simulate those plus 1 and 2 MoE layers: ``outside``
+    then holds the dense layers and ``per_layer`` is one MoE layer."""
+    from moekit.arch import arch_of
+
+    num_dense = arch_of(setup.model).num_dense_layers if arch_of(setup.model).is_moe else 0
+    one = simulate_step(setup, num_layers=num_dense + 1, progress=progress)
+    two = simulate_step(setup, num_layers=num_dense + 2, progress=progress)
     outside, per_layer = {}, {}
     for phase in one.phases:
         outside[phase], per_layer[phase] = _split(one.phases[phase], two.phases[phase])
@@ -126,10 +132,15 @@ def simulate_per_layer(setup: TrainingSetup, *, progress: bool = True) -> Breakd
     the peak of each phase happens at the same point of the step at both depths (the start of backward
     or the optimizer step, for the presets here).
     """
+    from moekit.arch import arch_of
+
     full_depth = as_config(setup.model).num_hidden_layers
+    arch = arch_of(setup.model)
+    repeated = arch.num_moe_layers if arch.is_moe else full_depth  # dense first layers are simulated whole
     costs = layer_costs(setup, progress=progress)
-    phases = costs.phases_at(full_depth)
+    phases = costs.phases_at(repeated)
     phases["peak"] = max((phases[p] for p in ("forward_peak", "backward_peak", "optimizer_peak")), key=lambda c: sum(c.values()))
-    breakdown = breakdown_from_phases(phases, setup, costs.per_host_at(full_depth), "simulate")
-    breakdown.notes["method"] = f"1 and 2 layers simulated, extrapolated linearly to {full_depth}"
+    breakdown = breakdown_from_phases(phases, setup, costs.per_host_at(repeated), "simulate")
+    dense = f"{full_depth - repeated} dense + " if repeated != full_depth else ""
+    breakdown.notes["method"] = f"{dense}1 and 2 layers simulated, extrapolated linearly to {full_depth}"
     return breakdown

@@ -74,6 +74,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.weak import WeakIdKeyDictionary
 
+from moekit.arch import is_moe_block
 from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
 from moekit.models import as_config, build_model, config_with_layers, default_dtype
@@ -304,7 +305,7 @@ def zero3_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     for name, module in model.named_modules():
         if id(module) in claimed:
             continue
-        is_block = name.endswith("self_attn") or (hasattr(module, "experts") and hasattr(module, "gate"))
+        is_block = name.endswith("self_attn") or is_moe_block(module)
         if is_block or any(True for _ in module.parameters(recurse=False)):
             units.append(module)
             claimed.update(id(m) for m in module.modules())

@@ -336,8 +336,9 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec, lora_config=None) -> torch.
 
 def moe_block_classes(model: torch.nn.Module) -> list[type]:
     """The module classes that hold a router and experts (MixtralSparseMoeBlock and its relatives)."""
-    classes = {type(m) for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")}
-    return sorted(classes, key=lambda c: c.__name__)
+    from moekit.arch import moe_block_classes as classes_of
+
+    return sorted(classes_of(model), key=lambda c: c.__name__)
 
 
 def prepare_model(model: torch.nn.Module, setup: TrainingSetup, lora_config=None) -> torch.nn.Module:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from collections.abc import Iterator
 
 from moekit.errors import MoekitError
@@ -159,18 +158,13 @@ def optimizer_section(lr: float, weight_decay: float = 0.0, betas: tuple[float, 
     return {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay}}
 
 
-@functools.lru_cache(maxsize=32)
-def _moe_block_class_names(model: str) -> tuple[str, ...]:
-    from moekit.models import build_model
-
-    built = build_model(model, "meta", num_layers=1)
-    names = {type(module).__name__ for module in built.modules() if hasattr(module, "experts") and hasattr(module, "gate")}
-    return tuple(sorted(names))
-
-
 def moe_block_class_names(model: str) -> list[str]:
-    """Class names of the MoE blocks (router + experts) to mark as ZeRO-3 leaf modules; [] for dense models."""
-    return list(_moe_block_class_names(str(model)))
+    """Class names of the MoE blocks (router + experts) to mark as ZeRO-3 leaf modules; [] for dense models.
+
+    Read from every decoder layer (``moekit.arch``): DeepSeek's and GLM's first layers are dense."""
+    from moekit.arch import arch_of
+
+    return sorted(arch_of(str(model)).moe_block_classes)
 
 
 # --------------------------------------------------------------------------------------------

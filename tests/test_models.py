@@ -122,5 +122,5 @@ def test_folder_without_config_says_so(tmp_path):
 
 def test_unsupported_architecture_says_so(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    with pytest.raises(ModelError, match="'bert' model, which moekit does not support.*mixtral"):
+    with pytest.raises(ModelError, match="'bert' model, which is not a causal language model.*mixtral"):
         load_config(tmp_path)
