@@ -8,12 +8,14 @@ Each figure has its own section below; add new figures as new sections.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
 from moekit.breakdown import CATEGORIES, Breakdown, GiB
 from moekit.errors import MoekitError
+from moekit.lessons import MiB
 
 if TYPE_CHECKING:
     from moekit.monitor import MemorySample
@@ -40,15 +42,64 @@ def _gib(num_bytes: float) -> float:
     return num_bytes / GiB
 
 
-def _add_gpu_memory_line(fig: go.Figure, gpu_memory_bytes: int) -> None:
-    """The card's capacity as a dashed red line, the one every memory chart draws."""
-    fig.add_hline(
-        y=_gib(gpu_memory_bytes),
-        line_dash="dash",
-        line_color="red",
-        annotation_text=f"GPU memory {_gib(gpu_memory_bytes):.1f} GiB",
-        annotation_position="top left",
+@dataclass(frozen=True)
+class Scale:
+    """The unit a memory chart speaks in: MiB when its bars are below a GiB (a toy), else GiB."""
+
+    name: str
+    num_bytes: int
+
+    def of(self, num_bytes: float) -> float:
+        return num_bytes / self.num_bytes
+
+
+GIB_SCALE, MIB_SCALE = Scale("GiB", GiB), Scale("MiB", MiB)
+
+#: A capacity line is drawn only where the tallest bar reaches at least this share of the y range;
+#: a 40 GB card above 0.3 GiB of toy bars would flatten them to nothing.
+MIN_TALLEST_SHARE = 0.25
+#: Head room above the tallest mark (bar, peak marker or capacity line), as a share of it.
+Y_PADDING = 0.08
+
+
+def scale_for(tallest_bytes: float) -> Scale:
+    """MiB for a chart whose tallest bar is under 1 GiB, else GiB."""
+    return MIB_SCALE if tallest_bytes < GiB else GIB_SCALE
+
+
+def _capacity_line_fits(tallest_bytes: float, capacity_bytes: int) -> bool:
+    """Whether a line at ``capacity_bytes`` leaves the tallest bar at least MIN_TALLEST_SHARE of the range."""
+    return tallest_bytes * (1 + Y_PADDING) >= MIN_TALLEST_SHARE * capacity_bytes * (1 + Y_PADDING)
+
+
+def _add_gpu_memory_line(fig: go.Figure, gpu_memory_bytes: int, tallest_bytes: float, scale: Scale) -> float:
+    """The card's capacity as a dashed red line, the one every memory chart draws, and the y range's top.
+
+    When the card is far above the bars (a toy step under a full-size card), no line is drawn: a note
+    at the top of the chart says how far off the chart the card is, so the bars stay readable.
+    """
+    label = f"GPU memory {_gib(gpu_memory_bytes):g} GiB"
+    if _capacity_line_fits(tallest_bytes, gpu_memory_bytes):
+        fig.add_hline(
+            y=scale.of(gpu_memory_bytes),
+            line_dash="dash",
+            line_color="red",
+            annotation_text=label,
+            annotation_position="top left",
+        )
+        return max(tallest_bytes, gpu_memory_bytes)
+    times = gpu_memory_bytes / tallest_bytes if tallest_bytes else float("inf")
+    fig.add_annotation(
+        text=f"{label}: off this chart, {times:,.0f}x the tallest bar",
+        xref="paper", yref="paper", x=0, y=1, xanchor="left", yanchor="bottom", showarrow=False,
+        font={"color": "red"},
     )
+    return tallest_bytes
+
+
+def _set_y_range(fig: go.Figure, top_bytes: float, scale: Scale) -> None:
+    """A y axis from 0 to just above the tallest mark, so the tallest bar is most of the chart."""
+    fig.update_yaxes(range=[0, scale.of(top_bytes) * (1 + Y_PADDING) or 1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,32 +159,34 @@ def breakdown_figure(
     pairs = _labelled(breakdowns)
     labels = [label for label, _ in pairs]
     x = _x_axis(labels)
+    tallest_bytes = max(max(b.total_bytes, sum(b.per_gpu[c] for c in CATEGORIES)) for _, b in pairs)
+    scale = scale_for(tallest_bytes)
     fig = go.Figure()
     for category in CATEGORIES:
-        values = [_gib(b.per_gpu[category]) for _, b in pairs]
+        values = [scale.of(b.per_gpu[category]) for _, b in pairs]
         fig.add_trace(
             go.Bar(
                 name=category,
                 x=x,
                 y=values,
                 marker_color=CATEGORY_COLORS[category],
-                hovertemplate=f"{category}: %{{y:.2f}} GiB<extra></extra>",
+                hovertemplate=f"{category}: %{{y:.2f}} {scale.name}<extra></extra>",
             )
         )
     fig.add_trace(
         go.Scatter(
             name=PEAK_TRACE_NAME,
             x=x,
-            y=[_gib(b.total_bytes) for _, b in pairs],
+            y=[scale.of(b.total_bytes) for _, b in pairs],
             mode="markers",
             marker={"symbol": "line-ew-open", "size": 28, "color": "black", "line": {"width": 3}},
-            hovertemplate="peak: %{y:.2f} GiB<extra></extra>",
+            hovertemplate=f"peak: %{{y:.2f}} {scale.name}<extra></extra>",
         )
     )
     line_bytes = gpu_memory_bytes if gpu_memory_bytes is not None else _common_gpu_memory([b for _, b in pairs])
-    if line_bytes is not None:
-        _add_gpu_memory_line(fig, line_bytes)
-    fig.update_layout(barmode="stack", title=title, yaxis_title="GiB per GPU", legend_traceorder="normal")
+    top_bytes = tallest_bytes if line_bytes is None else _add_gpu_memory_line(fig, line_bytes, tallest_bytes, scale)
+    _set_y_range(fig, top_bytes, scale)
+    fig.update_layout(barmode="stack", title=title, yaxis_title=f"{scale.name} per GPU", legend_traceorder="normal")
     return fig
 
 
@@ -156,23 +209,28 @@ def monitor_figure(samples: Sequence[MemorySample], *, title: str = "Memory in u
     The capacity lines are drawn for GPU samples only: for processes, the total is the host's RAM,
     which would flatten the lines that matter.
     """
+    series = samples_by_label(samples)
+    tallest_bytes = max((p.used_bytes for points in series.values() for p in points), default=0)
+    scale = scale_for(tallest_bytes)
     fig = go.Figure()
     capacities: set[int] = set()
-    for label, points in samples_by_label(samples).items():
+    for label, points in series.items():
         fig.add_trace(
             go.Scatter(
                 name=label,
                 x=[p.time_s for p in points],
-                y=[_gib(p.used_bytes) for p in points],
+                y=[scale.of(p.used_bytes) for p in points],
                 mode="lines",
-                hovertemplate=f"{label}: %{{y:.2f}} GiB at %{{x:.1f}} s<extra></extra>",
+                hovertemplate=f"{label}: %{{y:.2f}} {scale.name} at %{{x:.1f}} s<extra></extra>",
             )
         )
         if points[-1].kind == "gpu":
             capacities.add(points[-1].total_bytes)
+    top_bytes = tallest_bytes
     for total_bytes in sorted(capacities):
-        _add_gpu_memory_line(fig, total_bytes)
-    fig.update_layout(title=title, xaxis_title="seconds", yaxis_title="GiB", yaxis_rangemode="tozero")
+        top_bytes = max(top_bytes, _add_gpu_memory_line(fig, total_bytes, tallest_bytes, scale))
+    _set_y_range(fig, top_bytes, scale)
+    fig.update_layout(title=title, xaxis_title="seconds", yaxis_title=scale.name)
     return fig
 
 

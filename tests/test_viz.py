@@ -34,16 +34,40 @@ def test_breakdown_colors_are_the_same_category_colors_in_every_figure():
 
 
 def test_breakdown_figure_stacks_and_draws_the_gpu_memory_line():
-    fig = breakdown_figure([_breakdown("estimate", 10)], gpu_memory_bytes=40 * GiB)
+    fig = breakdown_figure([_breakdown("estimate", 1000)], gpu_memory_bytes=40 * GiB)  # a 27 GiB stack
     assert fig.layout.barmode == "stack"
     (line,) = fig.layout.shapes
     assert (line.y0, line.y1, line.line.dash) == (40.0, 40.0, "dash")
+    assert fig.layout.yaxis.range[1] == pytest.approx(40 * 1.08)
+
+
+def test_a_toy_chart_speaks_mib_and_leaves_off_a_card_its_bars_cannot_reach():
+    toy = _breakdown("measure", 10, gpu_memory_bytes=40 * GiB)  # 280 MiB of bars under a 40 GiB card
+    fig = breakdown_figure([toy])
+    assert fig.layout.yaxis.title.text == "MiB per GPU" and not fig.layout.shapes
+    assert list(_traces(fig)["weights"].y) == [10.0]
+    assert "off this chart, 146x the tallest bar" in fig.layout.annotations[0].text
+    assert _tallest_share(fig) > 0.9
+
+
+def test_a_toy_budget_the_bars_reach_is_drawn_in_mib():
+    fig = breakdown_figure([_breakdown("measure", 10)], gpu_memory_bytes=300 * 2**20)
+    (line,) = fig.layout.shapes
+    assert line.y0 == 300.0 and _tallest_share(fig) > 0.85
+
+
+def _tallest_share(fig) -> float:
+    """The tallest stacked bar as a share of the y range (the rule every lesson figure keeps)."""
+    bars = [t for t in fig.data if t.type == "bar"]
+    tallest = max(sum(t.y[i] for t in bars) for i in range(len(bars[0].y)))
+    low, high = fig.layout.yaxis.range
+    return tallest / (high - low)
 
 
 def test_gpu_memory_line_defaults_to_the_breakdowns_own_gpu_size():
-    fig = breakdown_figure([_breakdown("estimate", 10, gpu_memory_bytes=80 * GiB), _breakdown("measure", 9, gpu_memory_bytes=80 * GiB)])
+    fig = breakdown_figure([_breakdown("estimate", 1000, gpu_memory_bytes=80 * GiB), _breakdown("measure", 900, gpu_memory_bytes=80 * GiB)])
     assert [shape.y0 for shape in fig.layout.shapes] == [80.0]
-    no_line = breakdown_figure([_breakdown("estimate", 10, gpu_memory_bytes=80 * GiB), _breakdown("measure", 9, gpu_memory_bytes=40 * GiB)])
+    no_line = breakdown_figure([_breakdown("estimate", 1000, gpu_memory_bytes=80 * GiB), _breakdown("measure", 900, gpu_memory_bytes=40 * GiB)])
     assert not no_line.layout.shapes
 
 
@@ -82,7 +106,7 @@ def test_monitor_figure_has_one_line_per_gpu_and_the_capacity_line():
 
 def test_monitor_figure_of_processes_has_no_host_ram_line():
     fig = monitor_figure([MemorySample(0.0, "pid 1 (python)", GiB // 2, 64 * GiB, "process")])
-    assert list(_traces(fig)["pid 1 (python)"].y) == [0.5]
+    assert list(_traces(fig)["pid 1 (python)"].y) == [512.0] and fig.layout.yaxis.title.text == "MiB"
     assert not fig.layout.shapes
 
 
