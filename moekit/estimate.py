@@ -256,43 +256,96 @@ def trainability(model: str, method: str, spec) -> Trainability:
     )
 
 
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor a middle decoder layer saves for backward: one term of ``layer_bytes_per_token``."""
+
+    block: str  # "attention" or "mlp"
+    tensor: str  # what it is
+    shape: str  # per token (times tokens in the step)
+    dtype: str
+    why: str  # why autograd keeps it until backward
+    bytes_per_token: int
+
+
+def _dtype_name(width_bytes: int) -> str:
+    return "fp32" if width_bytes == 4 else "bf16/fp16"
+
+
 def _norm_bytes(width_bytes: int, size: int, trainable: bool) -> int:
     """RMSNorm keeps an fp32 copy of its input and the rstd; its normalized output if the weight trains."""
     return 4 * size + 4 + (width_bytes * size if trainable else 0)
 
 
-def layer_bytes_per_token(setup: TrainingSetup) -> int:
-    """Bytes one middle decoder layer saves for backward per token (sdpa attention).
+def _norm_terms(block: str, name: str, w: int, size: int, size_name: str, trainable: bool) -> list[SavedTensor]:
+    """RMSNorm keeps an fp32 copy of its input and the rstd; its normalized output if the weight trains."""
+    terms = [
+        SavedTensor(block, f"{name} input, upcast", f"[{size_name}]", "fp32", "RMSNorm's backward needs x", 4 * size),
+        SavedTensor(block, f"{name} rstd (1/rms)", "[1]", "fp32", "RMSNorm's backward needs 1/rms(x)", 4),
+    ]
+    if trainable:
+        terms.append(SavedTensor(block, f"{name} normalized output", f"[{size_name}]", _dtype_name(w),
+                                 "the norm weight's gradient", w * size))
+    return terms
 
-    Derived tensor by tensor from what autograd saves in the Hugging Face modules (docs/memory_model.md)
-    and equal, to within a few bytes, to MemTracker's count on every preset.
+
+def layer_terms(setup: TrainingSetup) -> list[SavedTensor]:
+    """What one middle decoder layer saves for backward per token (sdpa attention), tensor by tensor.
+
+    Derived from what autograd saves in the Hugging Face modules (docs/memory_model.md); their sum,
+    ``layer_bytes_per_token``, equals MemTracker's count on every preset to within a few bytes.
     """
     f = model_facts(setup.model)
     t = trainability(setup.model, setup.method, setup.lora)
     w = 4 if setup.precision == "fp32" else 2
+    d = _dtype_name(w)
     h, hkv, a = f.hidden, f.kv_hidden, f.num_heads
-    # Attention block: input norm, q/k/v input, LoRA A outputs, SDPA's q, k, v, output and logsumexp.
-    total = _norm_bytes(w, h, t.full)
-    total += w * h if (t.full or t.qkv_lora) else 0
-    total += w * setup.lora.r * t.num_attention_lora
-    total += w * (2 * h + 2 * hkv) + 4 * a
+    terms = _norm_terms("attention", "input_layernorm", w, h, "hidden", t.full)
+    if t.full or t.qkv_lora:
+        terms.append(SavedTensor("attention", "q/k/v projections' input", "[hidden]", d, "q/k/v weights' gradients", w * h))
+    if t.num_attention_lora:
+        terms.append(SavedTensor("attention", f"LoRA A outputs x {t.num_attention_lora}", f"[r={setup.lora.r}] each", d,
+                                 "LoRA B's gradient", w * setup.lora.r * t.num_attention_lora))
+    terms += [
+        SavedTensor("attention", "SDPA q and output", "[hidden] x 2", d, "flash attention's backward", w * 2 * h),
+        SavedTensor("attention", "SDPA k and v", "[kv_hidden] x 2", d, "flash attention's backward", w * 2 * hkv),
+        SavedTensor("attention", "SDPA logsumexp", "[heads]", "fp32", "flash attention recomputes softmax from it", 4 * a),
+    ]
     if f.qk_norm:
-        total += _norm_bytes(w, h, t.full) + _norm_bytes(w, hkv, t.full)
-    # MLP block: post-attention norm, router, routed experts, shared expert or dense MLP.
-    total += _norm_bytes(w, h, t.full)
+        terms += _norm_terms("attention", "q_norm", w, h, "hidden", t.full)
+        terms += _norm_terms("attention", "k_norm", w, hkv, "kv_hidden", t.full)
+    terms += _norm_terms("mlp", "post_attention_layernorm", w, h, "hidden", t.full)
     if f.num_experts:
         k = f.experts_per_token
-        total += w * h if (t.full or t.router_lora) else 0
-        total += 4 * f.num_experts + (36 * k + 4 if f.normalizes_top_k else 29 * k)
-        expert_trains = t.full or t.experts_lora
-        total += k * ((2 * w * h + 4 * w * f.expert_ffn + 4) if expert_trains else (w * h + 3 * w * f.expert_ffn + 4))
+        if t.full or t.router_lora:
+            terms.append(SavedTensor("mlp", "router input", "[hidden]", d, "the router weight's gradient", w * h))
+        terms.append(SavedTensor("mlp", "router probabilities", "[experts]", "fp32", "softmax's backward needs its output",
+                                 4 * f.num_experts))
+        terms.append(SavedTensor("mlp", "top-k weights and indices", f"[top-k={k}] x several", "fp32/int64",
+                                 "top-k selection and renormalization backward",
+                                 36 * k + 4 if f.normalizes_top_k else 29 * k))
+        if t.full or t.experts_lora:
+            per_expert = 2 * w * h + 4 * w * f.expert_ffn + 4
+            why = "expert inputs, gate/up outputs and SiLU for the expert weights' gradients"
+        else:
+            per_expert = w * h + 3 * w * f.expert_ffn + 4
+            why = "gate/up outputs and SiLU for the input's gradient (frozen experts)"
+        terms.append(SavedTensor("mlp", f"routed experts x top-k={k}", "[hidden] + [ffn] x 3-4 per expert", d, why,
+                                 k * per_expert))
         if f.shared_ffn:
             shared_trains = t.full or t.shared_experts_lora
-            total += (4 if shared_trains else 3) * w * f.shared_ffn + w * h + 2
+            terms.append(SavedTensor("mlp", "shared expert", "[shared_ffn] x 3-4 + [hidden]", d, "the shared expert's backward",
+                                     (4 if shared_trains else 3) * w * f.shared_ffn + w * h + 2))
     else:
         mlp_trains = t.full or t.mlp_lora
-        total += (w * h + 4 * w * f.dense_ffn) if mlp_trains else 3 * w * f.dense_ffn
-    return total
+        terms.append(SavedTensor("mlp", "dense MLP", "[ffn] x 3-4", d, "the MLP's backward",
+                                 (w * h + 4 * w * f.dense_ffn) if mlp_trains else 3 * w * f.dense_ffn))
+    return terms
+
+
+def layer_bytes_per_token(setup: TrainingSetup) -> int:
+    """Bytes one middle decoder layer saves for backward per token: the sum of ``layer_terms``."""
+    return sum(term.bytes_per_token for term in layer_terms(setup))
 
 
 def eager_attention_bytes(setup: TrainingSetup) -> int:
