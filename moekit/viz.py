@@ -259,3 +259,42 @@ def sweep_figure(values: Sequence, breakdowns: Sequence[Breakdown], *, knob: str
         raise FigureError("sweep_figure needs one Breakdown per value, e.g. from moekit.estimate.sweep(setup, seq_len=[...]).")
     labelled = {f"{knob}={value}": breakdown for value, breakdown in zip(values, breakdowns)}
     return breakdown_figure(labelled, title=title or f"Memory per GPU as {knob} changes")
+
+
+# --------------------------------------------------------------------------------------------
+# The readability rule every lesson figure keeps (checked on every executed notebook)
+# --------------------------------------------------------------------------------------------
+
+
+def tallest_share(figure: go.Figure | Mapping) -> float | None:
+    """The tallest bar (stacked bars summed per x) or line point as a share of the y axis range.
+
+    ``figure``: a Figure or its plotly JSON (a notebook's ``application/vnd.plotly.v1+json`` output).
+    None for a figure with nothing to measure (no numeric y, or no fixed y range).
+    """
+    data = figure.to_plotly_json() if isinstance(figure, go.Figure) else figure
+    traces = data.get("data", [])
+    y_range = data.get("layout", {}).get("yaxis", {}).get("range")
+    stacks: dict[int, float] = {}
+    tallest = 0.0
+    for trace in traces:
+        values = [v for v in (trace.get("y") or []) if isinstance(v, int | float)]
+        if trace.get("type") == "bar":
+            for i, value in enumerate(values):
+                stacks[i] = stacks.get(i, 0.0) + max(value, 0.0)
+        elif values:
+            tallest = max(tallest, max(values))
+    tallest = max([tallest, *stacks.values()])
+    if not y_range or tallest <= 0:
+        return None
+    return tallest / (y_range[1] - y_range[0])
+
+
+def readability_problem(figure: go.Figure | Mapping) -> str | None:
+    """Why a memory figure is unreadable (its tallest bar under MIN_TALLEST_SHARE of the y range), or None."""
+    share = tallest_share(figure)
+    if share is not None and share < MIN_TALLEST_SHARE:
+        data = figure.to_plotly_json() if isinstance(figure, go.Figure) else figure
+        title = data.get("layout", {}).get("title", {}).get("text", "a figure")
+        return f"'{title}': the tallest bar is {share:.0%} of the y range (at least {MIN_TALLEST_SHARE:.0%} needed)"
+    return None

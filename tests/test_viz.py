@@ -65,9 +65,10 @@ def _tallest_share(fig) -> float:
 
 
 def test_gpu_memory_line_defaults_to_the_breakdowns_own_gpu_size():
-    fig = breakdown_figure([_breakdown("estimate", 1000, gpu_memory_bytes=80 * GiB), _breakdown("measure", 900, gpu_memory_bytes=80 * GiB)])
+    on_80 = _breakdown("estimate", 1000, gpu_memory_bytes=80 * GiB)
+    fig = breakdown_figure([on_80, _breakdown("measure", 900, gpu_memory_bytes=80 * GiB)])
     assert [shape.y0 for shape in fig.layout.shapes] == [80.0]
-    no_line = breakdown_figure([_breakdown("estimate", 1000, gpu_memory_bytes=80 * GiB), _breakdown("measure", 900, gpu_memory_bytes=40 * GiB)])
+    no_line = breakdown_figure([on_80, _breakdown("measure", 900, gpu_memory_bytes=40 * GiB)])
     assert not no_line.layout.shapes
 
 
@@ -133,3 +134,33 @@ def test_sweep_figure_follows_the_estimate():
     activations = next(t for t in figure.data if t.name == "activations")
     assert activations.y[1] * 2**30 == pytest.approx(estimate(setup.replace(seq_len=8192)).per_gpu["activations"])
     assert activations.y[1] > 7 * activations.y[0]
+
+
+def test_the_readability_rule_flags_toy_bars_under_a_card_sized_axis_and_passes_moekit_figures():
+    import json
+
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from moekit.viz import readability_problem, tallest_share
+
+    flat = go.Figure(go.Bar(y=[0.3]), layout={"title": {"text": "toy"}, "yaxis": {"range": [0, 40]}})
+    assert readability_problem(flat) == "'toy': the tallest bar is 1% of the y range (at least 25% needed)"
+    drawn = breakdown_figure([_breakdown("measure", 10, gpu_memory_bytes=40 * GiB)])
+    as_in_a_notebook = json.loads(pio.to_json(drawn))  # what nbval reads back from a cell's output
+    assert readability_problem(as_in_a_notebook) is None and tallest_share(as_in_a_notebook) > 0.9
+
+
+def test_notebook_figure_check_reads_plotly_outputs_of_a_cell():
+    import importlib.util
+    from pathlib import Path
+
+    import plotly.graph_objects as go
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("notebook_conftest", path)
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    flat = go.Figure(go.Bar(y=[0.3]), layout={"title": {"text": "toy"}, "yaxis": {"range": [0, 40]}}).to_plotly_json()
+    outputs = [{"name": "stdout", "text": "hi"}, {"data": {conftest.PLOTLY_MIME: flat}}]
+    assert conftest.figure_problems(outputs) == ["'toy': the tallest bar is 1% of the y range (at least 25% needed)"]
