@@ -262,6 +262,39 @@ def sweep_figure(values: Sequence, breakdowns: Sequence[Breakdown], *, knob: str
 
 
 # --------------------------------------------------------------------------------------------
+# One category against a numeric knob, with its fitted straight line
+# --------------------------------------------------------------------------------------------
+
+
+def line_fit_figure(
+    values: Sequence[float], measured_bytes: Sequence[float], *, slope_bytes: float, intercept_bytes: float,
+    knob: str, what: str = "activations", title: str | None = None,
+) -> go.Figure:
+    """Points of one category on a numeric axis, and the line ``intercept + slope x value`` drawn from 0.
+
+    The line starts at the knob's zero, so its intercept (what does not shrink with the knob) is visible.
+    """
+    if len(values) != len(measured_bytes) or not values:
+        raise FigureError("line_fit_figure needs one byte count per value, e.g. activations per seq_len.")
+    fitted_at = [0, max(values)]
+    fitted = [intercept_bytes + slope_bytes * value for value in fitted_at]
+    tallest_bytes = max([*measured_bytes, *fitted])
+    scale = scale_for(tallest_bytes)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(name=what, x=list(values), y=[scale.of(b) for b in measured_bytes], mode="markers",
+                             marker={"size": 10, "color": CATEGORY_COLORS.get(what, "black")},
+                             hovertemplate=f"{knob}=%{{x}}: %{{y:.2f}} {scale.name}<extra></extra>"))
+    fig.add_trace(go.Scatter(name=f"fit: {scale.of(intercept_bytes):.2f} {scale.name} + {slope_bytes / MiB:.3f} MiB x {knob}",
+                             x=fitted_at, y=[scale.of(b) for b in fitted], mode="lines", line={"dash": "dash", "color": "black"}))
+    fig.add_annotation(x=0, y=scale.of(intercept_bytes), text=f"intercept {scale.of(intercept_bytes):.2f} {scale.name}",
+                       showarrow=True, arrowhead=2, ax=60, ay=-30)
+    _set_y_range(fig, tallest_bytes, scale)
+    fig.update_layout(title=title or f"{what} as {knob} grows", xaxis_title=knob, yaxis_title=f"{scale.name} per GPU",
+                      xaxis_rangemode="tozero", legend={"x": 0.01, "y": 0.99})
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
 # The readability rule every lesson figure keeps (checked on every executed notebook)
 # --------------------------------------------------------------------------------------------
 
