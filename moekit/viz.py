@@ -295,6 +295,62 @@ def line_fit_figure(
 
 
 # --------------------------------------------------------------------------------------------
+# Gradient magnitudes on a log axis, with what each 16-bit format can hold
+# --------------------------------------------------------------------------------------------
+
+#: What a 16-bit format holds: (smallest subnormal, smallest normal, largest), from torch.finfo.
+FormatRange = tuple[float, float, float]
+
+
+def magnitude_histogram_figure(
+    magnitudes: Sequence[float], formats: Mapping[str, FormatRange], *, bins_per_decade: int = 4,
+    title: str = "Gradient magnitudes",
+) -> go.Figure:
+    """A histogram of |values| on a log axis, with each format's subnormal band and normal range marked.
+
+    Below a format's smallest subnormal a value becomes zero; between its smallest subnormal and its
+    smallest normal it keeps fewer significant bits; above its largest it overflows to inf.
+    """
+    import math
+
+    import numpy as np
+
+    positive = np.asarray(magnitudes, dtype=np.float64)
+    positive = positive[positive > 0]
+    if positive.size == 0:
+        raise FigureError("magnitude_histogram_figure needs nonzero magnitudes, e.g. grads[grads != 0].abs().")
+    decades = np.log10(positive)
+    low = math.floor(decades.min() * bins_per_decade)
+    high = math.ceil(decades.max() * bins_per_decade) + 1
+    counts, _ = np.histogram(decades, bins=[i / bins_per_decade for i in range(low, high + 1)])
+    edges = [10 ** (i / bins_per_decade) for i in range(low, high + 1)]
+    centers = [math.sqrt(a * b) for a, b in zip(edges, edges[1:])]
+    shares = [100 * float(c) / positive.size for c in counts]
+    fig = go.Figure(go.Bar(x=centers, y=shares, width=[b - a for a, b in zip(edges, edges[1:])], name="gradients",
+                           marker_color=CATEGORY_COLORS["gradients"],
+                           hovertemplate="|g| ~ %{x:.1e}: %{y:.2f}%<extra></extra>"))
+    colors = ["#FFA15A", "#19D3F3", "#AB63FA"]
+    notes = []
+    for (name, (subnormal, normal, largest)), color in zip(formats.items(), colors):
+        if normal <= edges[0] and largest >= edges[-1]:
+            notes.append(f"{name} holds every value here as a normal number ({normal:.0e} to {largest:.0e})")
+            continue
+        fig.add_vrect(x0=subnormal, x1=normal, fillcolor=color, opacity=0.15, line_width=0,
+                      annotation_text=f"{name} subnormal", annotation_position="top left")
+        for x, what in ((subnormal, "zero below"), (normal, "smallest normal"), (largest, "inf above")):
+            if edges[0] <= x <= edges[-1]:
+                fig.add_vline(x=x, line_dash="dot", line_color=color,
+                              annotation_text=f"{name} {what} {x:.0e}", annotation_textangle=-90)
+    if notes:
+        fig.add_annotation(text="; ".join(notes), xref="paper", yref="paper", x=1, y=1, xanchor="right",
+                           yanchor="bottom", showarrow=False)
+    _set_y_range(fig, max(shares), Scale("%", 1))
+    fig.update_xaxes(type="log", range=[math.log10(edges[0]), math.log10(edges[-1])], title="|gradient|")
+    fig.update_layout(title=title, yaxis_title="% of nonzero gradients", bargap=0, showlegend=False)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
 # The readability rule every lesson figure keeps (checked on every executed notebook)
 # --------------------------------------------------------------------------------------------
 
