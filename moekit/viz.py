@@ -78,7 +78,8 @@ def _add_gpu_memory_line(fig: go.Figure, gpu_memory_bytes: int, tallest_bytes: f
     When the card is far above the bars (a toy step under a full-size card), no line is drawn: a note
     at the top of the chart says how far off the chart the card is, so the bars stay readable.
     """
-    label = f"GPU memory {_gib(gpu_memory_bytes):g} GiB"
+    shown = _gib(gpu_memory_bytes) if gpu_memory_bytes >= GiB else gpu_memory_bytes / MiB
+    label = f"GPU memory {shown:,.4g} {'GiB' if gpu_memory_bytes >= GiB else 'MiB'}"
     if _capacity_line_fits(tallest_bytes, gpu_memory_bytes):
         fig.add_hline(
             y=scale.of(gpu_memory_bytes),
