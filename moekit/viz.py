@@ -212,7 +212,6 @@ def monitor_figure(samples: Sequence[MemorySample], *, title: str = "Memory in u
     """
     series = samples_by_label(samples)
     tallest_bytes = max((p.used_bytes for points in series.values() for p in points), default=0)
-    scale = scale_for(tallest_bytes)
     fig = go.Figure()
     capacities: set[int] = set()
     for label, points in series.items():
@@ -220,18 +219,17 @@ def monitor_figure(samples: Sequence[MemorySample], *, title: str = "Memory in u
             go.Scatter(
                 name=label,
                 x=[p.time_s for p in points],
-                y=[scale.of(p.used_bytes) for p in points],
+                y=[_gib(p.used_bytes) for p in points],  # GiB always: moekit.monitor's live updates add GiB
                 mode="lines",
-                hovertemplate=f"{label}: %{{y:.2f}} {scale.name} at %{{x:.1f}} s<extra></extra>",
+                hovertemplate=f"{label}: %{{y:.2f}} GiB at %{{x:.1f}} s<extra></extra>",
             )
         )
         if points[-1].kind == "gpu":
             capacities.add(points[-1].total_bytes)
-    top_bytes = tallest_bytes
     for total_bytes in sorted(capacities):
-        top_bytes = max(top_bytes, _add_gpu_memory_line(fig, total_bytes, tallest_bytes, scale))
-    _set_y_range(fig, top_bytes, scale)
-    fig.update_layout(title=title, xaxis_title="seconds", yaxis_title=scale.name)
+        _add_gpu_memory_line(fig, total_bytes, tallest_bytes, GIB_SCALE)
+    # The y axis follows the data (a live chart grows); a line far above the data is left off as in every chart.
+    fig.update_layout(title=title, xaxis_title="seconds", yaxis_title="GiB", yaxis_rangemode="tozero")
     return fig
 
 
