@@ -204,13 +204,20 @@ def samples_by_label(samples: Sequence[MemorySample]) -> dict[str, list[MemorySa
     return series
 
 
-def monitor_figure(samples: Sequence[MemorySample], *, title: str = "Memory in use") -> go.Figure:
+def monitor_figure(
+    samples: Sequence[MemorySample], *, title: str = "Memory in use", labels: Sequence[str] | None = None,
+    step_times: Sequence[tuple[float, int]] = (),
+) -> go.Figure:
     """One line per GPU (or process) of used GiB over time; dashed lines at each GPU's capacity.
 
     The capacity lines are drawn for GPU samples only: for processes, the total is the host's RAM,
     which would flatten the lines that matter.
+    labels: draw only these series (e.g. the training ranks, without the helper processes they start).
+    step_times: (seconds, step) pairs: a dotted vertical line where each optimizer step ended.
     """
     series = samples_by_label(samples)
+    if labels is not None:
+        series = {label: series[label] for label in labels if label in series}
     tallest_bytes = max((p.used_bytes for points in series.values() for p in points), default=0)
     fig = go.Figure()
     capacities: set[int] = set()
@@ -228,8 +235,12 @@ def monitor_figure(samples: Sequence[MemorySample], *, title: str = "Memory in u
             capacities.add(points[-1].total_bytes)
     for total_bytes in sorted(capacities):
         _add_gpu_memory_line(fig, total_bytes, tallest_bytes, GIB_SCALE)
+    for time_s, step in step_times:
+        fig.add_vline(x=time_s, line_dash="dot", line_color="#888", line_width=1,
+                      annotation_text=str(step) if step == 1 or step % 5 == 0 else "", annotation_position="top")
     # The y axis follows the data (a live chart grows); a line far above the data is left off as in every chart.
-    fig.update_layout(title=title, xaxis_title="seconds", yaxis_title="GiB", yaxis_rangemode="tozero")
+    fig.update_layout(title=title, xaxis_title="seconds (dotted: an optimizer step ends)" if step_times else "seconds",
+                      yaxis_title="GiB", yaxis_rangemode="tozero", legend={"orientation": "h", "y": -0.25})
     return fig
 
 
