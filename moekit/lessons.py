@@ -145,13 +145,31 @@ class TrainingRun:
 
 
 def short_run_plan(
-    setup: TrainingSetup, run_dir: str | Path, *, steps: int = 8, lr: float | None = None, seed: int = 0, check_fit: bool = True
+    setup: TrainingSetup, run_dir: str | Path, *, steps: int = 8, lr: float | None = None, seed: int = 0, check_fit: bool = True,
+    weights: str | Path | None = None, data: str | Path | None = None,
 ) -> LaunchPlan:
-    """``moekit.launch.launch`` for a short run of ``setup`` on a free port (a ``LaunchPlan``; nothing runs yet)."""
+    """``moekit.launch.launch`` for a run of ``setup`` on a free port (a ``LaunchPlan``; nothing runs yet).
+
+    weights: a local Hugging Face model folder (default: seeded random weights of the preset).
+    data: a .txt or .jsonl file of training text (default: the bundled text).
+    """
     from moekit.launch import TrainArgs, launch
 
-    return launch(setup, run_dir=run_dir, master_port=free_port(), train_args=TrainArgs(steps=steps, lr=lr, seed=seed),
-                  check_fit=check_fit)
+    train_args = TrainArgs(steps=steps, lr=lr, seed=seed, weights=None if weights is None else str(weights),
+                           data=None if data is None else str(data))
+    return launch(setup, run_dir=run_dir, master_port=free_port(), train_args=train_args, check_fit=check_fit)
+
+
+def require_weights(weights_dir: str | Path | None, model: str) -> Path:
+    """The weights folder a real run needs, or a LessonError that says how to get it."""
+    folder = Path(weights_dir).expanduser() if weights_dir else None
+    if folder is None or not any(folder.glob("*.safetensors")):
+        where = f"'{folder}' has no *.safetensors files" if folder else "WEIGHTS_DIR is not set"
+        raise LessonError(
+            f"a real fine-tune of {model} needs its weights on this machine: {where}. Download them (e.g. "
+            f"`huggingface-cli download mistralai/Mixtral-8x7B-v0.1 --local-dir /data/mixtral`) and set WEIGHTS_DIR."
+        )
+    return folder
 
 
 def training_env() -> dict[str, str]:
@@ -322,5 +340,5 @@ def seconds_per_step(setup: TrainingSetup, *, steps: int = 3, seed: int = 0, num
 
 
 __all__ = ["GiB", "MiB", "LessonError", "StartedRun", "StepClock", "Table", "TrainingRun", "short_run_plan", "demo_gpus",
-           "finish_training", "free_port", "gib", "live_rank_chart", "mib", "rank_chart", "rank_labels", "run_training",
+           "finish_training", "free_port", "gib", "live_rank_chart", "require_weights", "mib", "rank_chart", "rank_labels", "run_training",
            "seconds_per_step", "start_training", "table", "training_env", "without_overhead"]
