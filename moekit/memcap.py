@@ -106,7 +106,7 @@ class CappedResult:
             return None
         return (
             f"out of memory: this step needs at least {self.peak_bytes / MiB:,.0f} MiB but the budget is "
-            f"{self.budget_bytes / MiB:,.0f} MiB ({self.setup.describe()}"
+            f"{self.budget_bytes / MiB:,.0f} MiB ({self.setup.describe().split(' on ')[0]}"  # the budget is the card
             f"{f', {self.num_layers} layers' if self.num_layers else ''}; {self.detail})"
         )
 
