@@ -189,6 +189,6 @@ def test_toy_charts_show_bars_a_reader_can_see(page, console, lab):
         plot.screenshot(path=ARTIFACTS / f"04_batch_and_accumulation_plot{index}.png")
         assert shown_tallest_share(plot) >= 0.25, f"plot {index}: its bars are flat under the y range"
     toy = plots.nth(1)
-    assert "MiB" in toy.locator(".ytitle").inner_text()  # the toy speaks MiB, not GiB of a card
+    assert "MiB" in toy.locator(".ytitle").text_content()  # the toy speaks MiB, not GiB of a card
     assert console.errors == []
     assert (REPO / TOY_NOTEBOOK).read_bytes() == committed, "the browser saved the notebook"
