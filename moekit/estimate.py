@@ -341,10 +341,31 @@ def _width(setup: TrainingSetup) -> int:
     return 4 if setup.precision == "fp32" else 2
 
 
-def _norm_bytes(arch: Arch, width_bytes: int, size: int, trainable: bool) -> int:
-    """What one norm saves per row (its class measured by ``moekit.arch.norm_saved_bytes``): RMSNorm
-    an fp32 input copy, the rstd and, when its weight trains, the normalized input."""
-    return norm_saved_bytes(arch, size, width_bytes, trainable)
+def _dtype_name(width_bytes: int) -> str:
+    return "fp32" if width_bytes == 4 else "bf16/fp16"
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor a decoder layer saves for backward, per token: one term of ``layer_bytes_per_token``."""
+
+    block: str  # "attention" or "mlp"
+    tensor: str  # what it is
+    shape: str  # per token (times tokens in the step)
+    dtype: str
+    why: str  # why autograd keeps it until backward
+    bytes_per_token: int
+
+
+def _norm_terms(arch: Arch, block: str, name: str, w: int, size: int, size_name: str, trainable: bool,
+                copies: int = 1) -> list[SavedTensor]:
+    """One norm's saved bytes per row (measured on its class: ``moekit.arch.norm_saved_bytes``): RMSNorm
+    keeps an fp32 copy of its input and the rstd and, when its weight trains, the normalized input."""
+    what = "fp32 input copy and 1/rms" + (", normalized output" if trainable else "")
+    times = f" x {copies}" if copies > 1 else ""
+    why = "the norm's backward" + (" and its weight's gradient" if trainable else "")
+    return [SavedTensor(block, f"{name}{times}", f"[{size_name}]{times}", f"fp32 + {_dtype_name(w)}" if trainable
+                        else "fp32", f"{why} ({what})", copies * norm_saved_bytes(arch, size, w, trainable))]
 
 
 def _uses_math_sdpa(arch: Arch, attn_implementation: str) -> bool:
@@ -355,49 +376,80 @@ def _uses_math_sdpa(arch: Arch, attn_implementation: str) -> bool:
     return attn_implementation == "sdpa" and arch.attention == "mla" and arch.v_dim != arch.k_dim
 
 
-def attention_bytes_per_token(setup: TrainingSetup) -> int:
-    """Bytes the attention block (its input norm included) saves per token, besides terms in s^2."""
-    f = model_facts(setup.model)
-    a = f.arch
+def attention_terms(setup: TrainingSetup) -> list[SavedTensor]:
+    """What the attention block (its input norm included) saves per token, besides terms in s^2."""
+    a = model_facts(setup.model).arch
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
+    d = _dtype_name(w)
     h, heads = a.hidden, a.num_heads
-    # Input norm, the normalized input the projections read, LoRA A outputs.
-    total = _norm_bytes(a, w, h, t.full)
-    total += w * h if (t.full or t.qkv_lora) else 0
-    total += w * setup.lora.r * t.num_attention_lora
+    terms = _norm_terms(a, "attention", "input_layernorm", w, h, "hidden", t.full)
+    if t.full or t.qkv_lora:
+        terms.append(SavedTensor("attention", "q/k/v projections' input", "[hidden]", d,
+                                 "the input projections' weight (or LoRA A) gradients", w * h))
+    if t.num_attention_lora:
+        terms.append(SavedTensor("attention", f"LoRA A outputs x {t.num_attention_lora}", f"[r={setup.lora.r}] each",
+                                 d, "LoRA B's gradient", w * setup.lora.r * t.num_attention_lora))
     if a.attention == "mla":
         # Compressed query (V3) and key/value latent: each normalized, then read by its up-projection.
         if a.q_lora_rank:
-            total += _norm_bytes(a, w, a.q_lora_rank, t.full) + (w * a.q_lora_rank if t.attention_trains("q_b_proj") else 0)
-        total += _norm_bytes(a, w, a.kv_lora_rank, t.full) + (w * a.kv_lora_rank if t.attention_trains("kv_b_proj") else 0)
+            terms += _norm_terms(a, "attention", "q_a_layernorm", w, a.q_lora_rank, "q_lora_rank", t.full)
+            if t.attention_trains("q_b_proj"):
+                terms.append(SavedTensor("attention", "q_b_proj input", "[q_lora_rank]", d, "q_b_proj's gradient",
+                                         w * a.q_lora_rank))
+        terms += _norm_terms(a, "attention", "kv_a_layernorm", w, a.kv_lora_rank, "kv_lora_rank", t.full)
+        if t.attention_trains("kv_b_proj"):
+            terms.append(SavedTensor("attention", "kv_b_proj input", "[kv_lora_rank]", d, "kv_b_proj's gradient",
+                                     w * a.kv_lora_rank))
         if _uses_math_sdpa(a, setup.attn_implementation):
             # math SDPA: fp32 q, k, v (the s^2 probabilities are in mla_math_bytes); o_proj's input.
-            total += 4 * (a.q_dim + a.k_dim + a.v_dim)
-            return total + (w * a.v_dim if t.attention_trains("o_proj") else 0)
-        return total + w * (2 * a.q_dim + a.k_dim + a.v_dim) + 4 * heads
+            terms.append(SavedTensor("attention", "math SDPA q, k, v (upcast)", "[q_dim] + [k_dim] + [v_dim]", "fp32",
+                                     "the math path's matmul backward", 4 * (a.q_dim + a.k_dim + a.v_dim)))
+            if t.attention_trains("o_proj"):
+                terms.append(SavedTensor("attention", "o_proj input", "[v_dim]", d, "o_proj's gradient", w * a.v_dim))
+            return terms
+        return terms + _sdpa_terms(a, w)
     if a.qk_norm == "full":  # OLMoE: one norm over all heads' q, one over k
-        total += _norm_bytes(a, w, a.q_dim, t.full) + _norm_bytes(a, w, a.k_dim, t.full)
+        terms += _norm_terms(a, "attention", "q_norm", w, a.q_dim, "q_dim", t.full)
+        terms += _norm_terms(a, "attention", "k_norm", w, a.k_dim, "k_dim", t.full)
     elif a.qk_norm == "head":  # Qwen3, GLM, Hunyuan: a norm per head of q and of k
         num_kv_heads = a.k_dim // a.head_dim
-        total += (heads + num_kv_heads) * _norm_bytes(a, w, a.head_dim, t.full)
+        terms += _norm_terms(a, "attention", "q_norm, k_norm per head", w, a.head_dim, "head_dim", t.full,
+                             copies=heads + num_kv_heads)
     if a.sinks:
         # gpt-oss (eager only): q, k and v repeated to every head, the sink logits' max (int64),
         # o_proj's input; the s x (s + 1) probabilities are in sink_attention_bytes.
-        return total + w * (2 * a.q_dim + 2 * heads * a.head_dim) + 8 * heads
-    # SDPA (flash on the CPU): q, k, v, its output and the fp32 logsumexp.
-    total += w * (2 * a.q_dim + a.k_dim + a.v_dim) + 4 * heads
+        return terms + [
+            SavedTensor("attention", "eager q and o_proj input", "[q_dim] x 2", d, "the score and output matmuls",
+                        w * 2 * a.q_dim),
+            SavedTensor("attention", "k and v repeated to every head", "[heads x head_dim] x 2", d,
+                        "the score and output matmuls", w * 2 * heads * a.head_dim),
+            SavedTensor("attention", "sink logits' max", "[heads]", "int64", "the softmax with sinks", 8 * heads),
+        ]
+    terms += _sdpa_terms(a, w)
     if a.rotary_table_width < 2 * a.head_dim and t.attention_trains("o_proj"):
         # Partial rotary (GLM) concatenates q back head-major, so SDPA's output comes out head-major
         # and o_proj reads a token-major copy of it.
-        total += w * a.q_dim
-    return total
+        terms.append(SavedTensor("attention", "o_proj input (token-major copy)", "[q_dim]", d, "o_proj's gradient",
+                                 w * a.q_dim))
+    return terms
 
 
-def router_bytes_per_token(setup: TrainingSetup) -> int:
-    """Bytes the router of one MoE layer saves per token: its input when it trains, scores, top-k."""
-    f = model_facts(setup.model)
-    a = f.arch
+def _sdpa_terms(a: Arch, w: int) -> list[SavedTensor]:
+    """SDPA (flash on the CPU): q, its output, k, v and the fp32 logsumexp."""
+    d = _dtype_name(w)
+    return [
+        SavedTensor("attention", "SDPA q and output", "[q_dim] x 2", d, "flash attention's backward", w * 2 * a.q_dim),
+        SavedTensor("attention", "SDPA k and v", "[k_dim] + [v_dim]", d, "flash attention's backward",
+                    w * (a.k_dim + a.v_dim)),
+        SavedTensor("attention", "SDPA logsumexp", "[heads]", "fp32", "flash attention recomputes softmax from it",
+                    4 * a.num_heads),
+    ]
+
+
+def router_terms(setup: TrainingSetup) -> list[SavedTensor]:
+    """What the router of one MoE layer saves per token: its input when it trains, scores, top-k."""
+    a = model_facts(setup.model).arch
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     E, k = a.num_experts, a.experts_per_token
@@ -406,68 +458,95 @@ def router_bytes_per_token(setup: TrainingSetup) -> int:
         # fp32 input, sigmoid scores, the group mask (bool), group top-2 and group indices (int64),
         # the top-k indices (int64) and weights (fp32), the renormalizing sum.
         groups, kept = a.router_groups
-        total = (4 * a.hidden if trains else 0) + 5 * E + 16 * groups + 8 * kept + 12 * k
-        return total + (4 if a.normalizes_top_k else 0)
+        terms = [SavedTensor("mlp", "router input (fp32 copy)", "[hidden]", "fp32", "the fp32 router's gradient",
+                             4 * a.hidden)] if trains else []
+        return terms + [SavedTensor("mlp", "sigmoid scores, group mask, group and top-k picks",
+                                    f"[experts={E}] + [groups={groups}] + [top-k={k}]", "fp32/bool/int64",
+                                    "group-limited routing's backward",
+                                    5 * E + 16 * groups + 8 * kept + 12 * k + (4 if a.normalizes_top_k else 0))]
     if a.router_scoring == "topk_softmax":
         # gpt-oss: the top-k indices (int64) and the softmax over the top-k logits.
-        return 8 * k + w * k
+        return [SavedTensor("mlp", "top-k indices and softmax", f"[top-k={k}] x 2", f"int64 + {_dtype_name(w)}",
+                            "the top-k softmax's backward", 8 * k + w * k)]
     # Softmax probabilities (fp32), top-k weights and their renormalization; its input is the MoE
-    # block's input, counted once in ffn_bytes_per_token.
-    return 4 * E + (12 * k + 4 if a.normalizes_top_k else 5 * k)
+    # block's input, counted once in ffn_terms.
+    return [
+        SavedTensor("mlp", "router probabilities", f"[experts={E}]", "fp32", "softmax's backward needs its output",
+                    4 * E),
+        SavedTensor("mlp", "top-k weights and indices", f"[top-k={k}] x several", "fp32/int64",
+                    "top-k selection" + (" and renormalization" if a.normalizes_top_k else "") + " backward",
+                    12 * k + 4 if a.normalizes_top_k else 5 * k),
+    ]
 
 
-def experts_bytes_per_token(setup: TrainingSetup) -> int:
-    """Bytes the routed experts of one MoE layer save per token (grouped_mm path): each of the top-k
+def experts_terms(setup: TrainingSetup) -> list[SavedTensor]:
+    """What the routed experts of one MoE layer save per token (grouped_mm path): each of the top-k
     copies of the token's input, gate/up output and activations, routing indices and weights."""
-    f = model_facts(setup.model)
-    a = f.arch
+    a = model_facts(setup.model).arch
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     k, h, ffn = a.experts_per_token, a.hidden, a.expert_ffn
     trains = t.full or t.experts_lora
+    why = ("expert inputs, gate/up outputs and activations for the expert weights' gradients" if trains
+           else "gate/up outputs and activations for the input's gradient (frozen experts)")
     if a.experts_bias:
         # gpt-oss: clamped gate and up, sigmoid, the GLU and its product (5 x ffn) on top of gate_up.
         per_copy = (2 * w * h + 7 * w * ffn) if trains else (w * h + 6 * w * ffn)
-        return k * (per_copy + w + 32)
-    per_copy = (2 * w * h + 4 * w * ffn) if trains else (w * h + 3 * w * ffn)
-    return k * (per_copy + 28)
+        per_copy += w + 32
+        shape = "[hidden] x 1-2 + [ffn] x 6-7 per copy"
+    else:
+        per_copy = (2 * w * h + 4 * w * ffn) if trains else (w * h + 3 * w * ffn)
+        per_copy += 28  # the copy's routing index (int64), weight and sort bookkeeping
+        shape = "[hidden] x 1-2 + [ffn] x 3-4 per copy"
+    return [SavedTensor("mlp", f"routed experts x top-k={k}", shape, _dtype_name(w), why, k * per_copy)]
 
 
-def ffn_bytes_per_token(setup: TrainingSetup, layer: LayerArch) -> int:
-    """Bytes the feed-forward block saves per token: MoE (router, experts, shared experts) or dense MLP."""
-    f = model_facts(setup.model)
-    a = f.arch
+def ffn_terms(setup: TrainingSetup, layer: LayerArch) -> list[SavedTensor]:
+    """What the feed-forward block saves per token: MoE (router, experts, shared experts) or dense MLP."""
+    a = model_facts(setup.model).arch
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
-    total = _norm_bytes(a, w, a.hidden, t.full)  # post-attention norm
+    d = _dtype_name(w)
+    terms = _norm_terms(a, "mlp", "post_attention_layernorm", w, a.hidden, "hidden", t.full)
     if not layer.moe:
         mlp_trains = t.full or t.mlp_lora
-        return total + ((w * a.hidden + 4 * w * a.dense_ffn) if mlp_trains else 3 * w * a.dense_ffn)
-    total += router_bytes_per_token(setup) + experts_bytes_per_token(setup)
+        return terms + [SavedTensor("mlp", "dense MLP", "[hidden] + [ffn] x 4" if mlp_trains else "[ffn] x 3", d,
+                                    "the MLP's backward",
+                                    (w * a.hidden + 4 * w * a.dense_ffn) if mlp_trains else 3 * w * a.dense_ffn)]
     shared_trains = bool(a.shared_ffn) and (t.full or t.shared_experts_lora)
     # The block's 16-bit input, read by a 16-bit router and by the shared expert when they train
-    # (an fp32 router saves its own fp32 copy instead, in router_bytes_per_token).
+    # (an fp32 router saves its own fp32 copy instead, in router_terms).
     router_reads_it = (t.full or t.router_lora) and a.router_scoring != "sigmoid" and not a.router_fp32
-    total += w * a.hidden if (router_reads_it or shared_trains) else 0
+    if router_reads_it or shared_trains:
+        terms.append(SavedTensor("mlp", "router input", "[hidden]", d, "the router (and shared expert) gradients",
+                                 w * a.hidden))
+    terms += router_terms(setup) + experts_terms(setup)
     if a.shared_ffn:
-        total += (4 if shared_trains else 3) * w * a.shared_ffn
-        # Qwen2-MoE scales the shared expert by sigmoid(gate(x)): its output and the sigmoid are kept.
-        total += w * a.hidden + 2 if a.shared_gate else 0
-    return total
+        terms.append(SavedTensor("mlp", "shared expert", "[ffn] x 3-4", d, "the shared expert's backward",
+                                 (4 if shared_trains else 3) * w * a.shared_ffn))
+        if a.shared_gate:
+            # Qwen2-MoE scales the shared expert by sigmoid(gate(x)): its output and the sigmoid are kept.
+            terms.append(SavedTensor("mlp", "shared expert gate", "[hidden] + [1]", d, "the gated product's backward",
+                                     w * a.hidden + 2))
+    return terms
 
 
 def _typical_layer(f: ModelFacts) -> LayerArch:
     return next((layer for layer in f.layers if layer.moe), f.layers[0])
 
 
-def layer_bytes_per_token(setup: TrainingSetup, layer: LayerArch | None = None) -> int:
-    """Bytes one decoder layer saves for backward per token (default: an MoE layer), besides terms in s^2.
-
-    Derived tensor by tensor from what autograd saves in the Hugging Face modules (docs/memory_model.md)
-    and checked against MemTracker's count family by family (tests/test_families.py).
-    """
+def layer_terms(setup: TrainingSetup, layer: LayerArch | None = None) -> list[SavedTensor]:
+    """What one decoder layer (default: an MoE layer) saves for backward per token, tensor by tensor,
+    besides terms in s^2: derived from what autograd saves in the Hugging Face modules
+    (docs/memory_model.md) and checked against MemTracker's count family by family
+    (tests/test_families.py). Lesson 01 prints this list."""
     f = model_facts(setup.model)
-    return attention_bytes_per_token(setup) + ffn_bytes_per_token(setup, layer or _typical_layer(f))
+    return attention_terms(setup) + ffn_terms(setup, layer or _typical_layer(f))
+
+
+def layer_bytes_per_token(setup: TrainingSetup, layer: LayerArch | None = None) -> int:
+    """Bytes one decoder layer saves for backward per token: the sum of ``layer_terms``."""
+    return sum(term.bytes_per_token for term in layer_terms(setup, layer))
 
 
 def eager_attention_bytes(setup: TrainingSetup) -> int:
@@ -538,10 +617,10 @@ def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
     if t.full:
         # final norm (input copy + normalized) and lm_head's input; with frozen embeddings the first
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
-        total += _norm_bytes(a, w, f.hidden, True) + w * f.hidden
+        total += norm_saved_bytes(a, f.hidden, w, True) + w * f.hidden
     if setup.activation_checkpointing:
         # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
-        total += 0 if t.full else _norm_bytes(a, w, f.hidden, False)
+        total += 0 if t.full else norm_saved_bytes(a, f.hidden, w, False)
     return total
 
 

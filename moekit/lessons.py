@@ -145,13 +145,31 @@ class TrainingRun:
 
 
 def short_run_plan(
-    setup: TrainingSetup, run_dir: str | Path, *, steps: int = 8, lr: float | None = None, seed: int = 0, check_fit: bool = True
+    setup: TrainingSetup, run_dir: str | Path, *, steps: int = 8, lr: float | None = None, seed: int = 0, check_fit: bool = True,
+    weights: str | Path | None = None, data: str | Path | None = None,
 ) -> LaunchPlan:
-    """``moekit.launch.launch`` for a short run of ``setup`` on a free port (a ``LaunchPlan``; nothing runs yet)."""
+    """``moekit.launch.launch`` for a run of ``setup`` on a free port (a ``LaunchPlan``; nothing runs yet).
+
+    weights: a local Hugging Face model folder (default: seeded random weights of the preset).
+    data: a .txt or .jsonl file of training text (default: the bundled text).
+    """
     from moekit.launch import TrainArgs, launch
 
-    return launch(setup, run_dir=run_dir, master_port=free_port(), train_args=TrainArgs(steps=steps, lr=lr, seed=seed),
-                  check_fit=check_fit)
+    train_args = TrainArgs(steps=steps, lr=lr, seed=seed, weights=None if weights is None else str(weights),
+                           data=None if data is None else str(data))
+    return launch(setup, run_dir=run_dir, master_port=free_port(), train_args=train_args, check_fit=check_fit)
+
+
+def require_weights(weights_dir: str | Path | None, model: str) -> Path:
+    """The weights folder a real run needs, or a LessonError that says how to get it."""
+    folder = Path(weights_dir).expanduser() if weights_dir else None
+    if folder is None or not any(folder.glob("*.safetensors")):
+        where = f"'{folder}' has no *.safetensors files" if folder else "WEIGHTS_DIR is not set"
+        raise LessonError(
+            f"a real fine-tune of {model} needs its weights on this machine: {where}. Download them (e.g. "
+            f"`huggingface-cli download mistralai/Mixtral-8x7B-v0.1 --local-dir /data/mixtral`) and set WEIGHTS_DIR."
+        )
+    return folder
 
 
 def training_env() -> dict[str, str]:
@@ -226,6 +244,73 @@ def demo_gpus() -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# A live chart of a run's ranks, with its steps marked
+# --------------------------------------------------------------------------------------------
+
+
+def rank_labels(labels: Sequence[str]) -> list[str]:
+    """One series per training rank: the monitor labels helper processes with their parent's RANK too,
+    so for each rank keep the first label seen (the rank process starts before its helpers)."""
+    chosen: dict[str, str] = {}
+    for label in labels:
+        if label.startswith("rank "):
+            chosen.setdefault(label.split()[1], label)
+    return [chosen[rank] for rank in sorted(chosen, key=int)]
+
+
+class StepClock:
+    """A monitor listener that notes when each optimizer step ended: the time of the poll that first sees
+    the step's line in the run's ``log.jsonl`` (so within one polling interval)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.log_path = Path(run_dir) / "log.jsonl"
+        self.step_times: list[tuple[float, int]] = []
+
+    def __call__(self, samples: Sequence) -> None:
+        if not samples or not self.log_path.is_file():
+            return
+        num_steps = self.log_path.read_text().count("\n")
+        while len(self.step_times) < num_steps:
+            self.step_times.append((samples[-1].time_s, len(self.step_times) + 1))
+
+
+def live_rank_chart(monitor, run_dir: str | Path, *, title: str = "Resident memory of each rank"):
+    """A plotly ``FigureWidget`` redrawn at every poll with the ranks only and the steps marked, and its clock.
+
+    Show it with ``display(..., display_id=True)`` and replace it with ``rank_chart`` when the run ends, so
+    a saved copy of the notebook keeps a plain figure instead of a widget's state.
+    """
+    import plotly.graph_objects as go
+
+    from moekit.viz import monitor_figure
+
+    clock = StepClock(run_dir)
+    widget = go.FigureWidget(monitor_figure([], title=title))
+    widget.update_layout(height=420, width=960)
+
+    def redraw(latest: Sequence) -> None:
+        clock(latest)
+        drawn = rank_chart(monitor.samples, clock, title=title)  # every sample so far (the lock is free here)
+        with widget.batch_update():
+            widget.data = ()
+            widget.add_traces(drawn.data)
+            widget.layout.shapes, widget.layout.annotations = drawn.layout.shapes, drawn.layout.annotations
+
+    monitor.add_listener(redraw)
+    return widget, clock
+
+
+def rank_chart(samples: Sequence, clock: StepClock, *, title: str = "Resident memory of each rank"):
+    """The ranks' memory over time with a dotted line at the end of each step (a plain plotly Figure)."""
+    from moekit.viz import monitor_figure
+
+    labels = rank_labels(list(dict.fromkeys(sample.label for sample in samples)))
+    figure = monitor_figure(samples, title=title, labels=labels or None, step_times=clock.step_times)
+    figure.update_layout(height=420, width=960)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------
 # Time per training step
 # --------------------------------------------------------------------------------------------
 
@@ -254,5 +339,6 @@ def seconds_per_step(setup: TrainingSetup, *, steps: int = 3, seed: int = 0, num
     return statistics.median(times[1:])
 
 
-__all__ = ["GiB", "MiB", "LessonError", "StartedRun", "Table", "TrainingRun", "short_run_plan", "demo_gpus", "finish_training",
-           "free_port", "gib", "mib", "run_training", "seconds_per_step", "start_training", "table", "training_env", "without_overhead"]
+__all__ = ["GiB", "MiB", "LessonError", "StartedRun", "StepClock", "Table", "TrainingRun", "short_run_plan", "demo_gpus",
+           "finish_training", "free_port", "gib", "live_rank_chart", "require_weights", "mib", "rank_chart", "rank_labels", "run_training",
+           "seconds_per_step", "start_training", "table", "training_env", "without_overhead"]

@@ -28,12 +28,17 @@ How the budget is enforced:
   costs GPU memory, instead of being free until touched. The result counts what a GPU would:
   every byte held, including the allocator's free-but-kept memory, and it is exact, so the same
   step passes or fails the same way every time (peaks repeat within about 2%).
-  Why not a resource limit: ``RLIMIT_AS`` counts virtual address space, which torch, glibc malloc
-  arenas and thread stacks inflate by hundreds of MB that hold no data; ``RLIMIT_DATA`` counts
-  writable mappings whether touched or not, and torch's error then names only the last allocation
-  (and its message cannot say what the step needed). Off Linux (no resettable high-water mark) the
-  watchdog polls psutil's resident memory instead, which can miss a spike shorter than its
-  interval: the verdict is then approximate.
+  The watchdog is the default because its verdict is exact and repeatable; it is not an error
+  from PyTorch. ``cpu_cap="rlimit"`` shows the real one: the child limits its data segment
+  (``RLIMIT_DATA``, Linux >= 4.7: every private writable mapping, touched or not) to what it holds
+  now plus the budget, the kernel refuses the allocation that breaks it, and c10's CPU allocator
+  raises "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes", which
+  ``CappedResult.allocator_error`` keeps word for word (lesson 01 prints it beside the shape of
+  CUDA's ``OutOfMemoryError``, ``CUDA_OOM_MESSAGE_SHAPE``). It counts mapped, not resident, bytes
+  (malloc's arenas, thread stacks), so it fails a little earlier than the watchdog; ``RLIMIT_AS``
+  would count all virtual address space and fail far earlier still.
+  Off Linux (no resettable high-water mark) the watchdog polls psutil's resident memory instead,
+  which can miss a spike shorter than its interval: the verdict is then approximate.
 
 Measured on a 2-core CPU (``small`` preset, full fine-tuning, bf16, 4096 tokens, one GPU, no ZeRO):
 peak about 1,000 MiB above the baseline without activation checkpointing, about 800 MiB with it,
@@ -61,6 +66,7 @@ from moekit.training_setup import TrainingSetup
 
 MiB = 2**20
 Device = Literal["auto", "cpu", "cuda"]
+CpuCap = Literal["watchdog", "rlimit"]
 
 #: Seconds between two reads of the resident high-water mark in the CPU watchdog.
 WATCHDOG_INTERVAL_S = 0.005
@@ -90,6 +96,8 @@ class CappedResult:
     elapsed_s: float
     breakdown: Breakdown | None = None  # the step's measured breakdown, when it passed
     detail: str = ""  # how it was stopped (torch's own error on CUDA)
+    #: PyTorch's own out-of-memory message, word for word, when its allocator refused (CUDA, or cpu_cap="rlimit").
+    allocator_error: str | None = None
 
     @property
     def error(self) -> str | None:
@@ -98,7 +106,7 @@ class CappedResult:
             return None
         return (
             f"out of memory: this step needs at least {self.peak_bytes / MiB:,.0f} MiB but the budget is "
-            f"{self.budget_bytes / MiB:,.0f} MiB ({self.setup.describe()}"
+            f"{self.budget_bytes / MiB:,.0f} MiB ({self.setup.describe().split(' on ')[0]}"  # the budget is the card
             f"{f', {self.num_layers} layers' if self.num_layers else ''}; {self.detail})"
         )
 
@@ -133,6 +141,7 @@ def run_capped(
     device: Device = "auto",
     timeout_s: float = 600.0,
     check: bool = False,
+    cpu_cap: CpuCap = "watchdog",
 ) -> CappedResult:
     """Run one real training step of ``setup`` in a subprocess under ``budget_bytes`` of memory.
 
@@ -140,6 +149,9 @@ def run_capped(
       ``auto`` picks CUDA when torch sees a GPU.
     num_layers: truncate the model to this many decoder layers (full width).
     check: raise ``OutOfMemoryBudget`` instead of returning a failed result.
+    cpu_cap: on the CPU, ``watchdog`` (exact resident peak, the default) or ``rlimit``: the kernel
+      refuses the step's data segment past the budget (``RLIMIT_DATA``), so PyTorch's own allocator
+      raises its real "can't allocate memory" error, kept in ``CappedResult.allocator_error``.
     A step that cannot run at all (a crash, a timeout, a setup this machine cannot hold) raises
     ``MemcapError``: that is not the budget's verdict.
     """
@@ -147,7 +159,10 @@ def run_capped(
         raise MemcapError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}; e.g. 700 * 2**20 for 700 MiB.")
     if device not in ("auto", "cpu", "cuda"):
         raise MemcapError(f"device must be auto, cpu or cuda, got '{device}'.")
-    request = {"setup": setup.as_dict(), "budget_bytes": budget_bytes, "num_layers": num_layers, "device": device}
+    if cpu_cap not in ("watchdog", "rlimit"):
+        raise MemcapError(f"cpu_cap must be watchdog or rlimit, got '{cpu_cap}'.")
+    request = {"setup": setup.as_dict(), "budget_bytes": budget_bytes, "num_layers": num_layers, "device": device,
+               "cpu_cap": cpu_cap}
     with tempfile.TemporaryDirectory(prefix="moekit-memcap-") as folder:
         request_path, result_path = Path(folder) / "request.json", Path(folder) / "result.json"
         request_path.write_text(json.dumps(request))
@@ -170,6 +185,7 @@ def run_capped(
         elapsed_s=elapsed_s,
         breakdown=_breakdown_from_dict(outcome["breakdown"]) if outcome.get("breakdown") else None,
         detail=outcome.get("detail", ""),
+        allocator_error=outcome.get("allocator_error"),
     )
     return result.raise_if_failed() if check else result
 
@@ -348,6 +364,10 @@ def _child_cpu(setup: TrainingSetup, num_layers: int | None, budget_bytes: int, 
     describe = _cpu_failure(peak, phase)
     with _Watchdog(peak, budget_bytes, verdict, describe):
         breakdown = _run_step(setup, num_layers, "cpu", phase)
+    _passed_or_not(peak, budget_bytes, breakdown, verdict, describe)
+
+
+def _passed_or_not(peak: _ResidentPeak, budget_bytes: int, breakdown: Breakdown, verdict: _Verdict, describe) -> None:
     peak_bytes = peak.peak_bytes()
     if peak_bytes > budget_bytes:
         verdict.write(describe(peak_bytes))
@@ -362,6 +382,61 @@ def _child_cpu(setup: TrainingSetup, num_layers: int | None, budget_bytes: int, 
         }
     )
 
+
+#: What PyTorch's CPU allocator says when the kernel refuses memory (c10/core/impl/alloc_cpu.cpp).
+_CPU_ALLOCATOR_REFUSED = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+
+
+def _child_cpu_rlimit(setup: TrainingSetup, num_layers: int | None, budget_bytes: int, verdict: _Verdict) -> None:
+    """The step under ``RLIMIT_DATA`` = the data segment now + the budget: PyTorch's allocator raises itself.
+
+    RLIMIT_DATA (Linux >= 4.7) counts every private writable mapping, so each tensor's ``malloc``/``mmap``
+    past the limit fails and c10's CPU allocator raises "can't allocate memory: you tried to allocate N
+    bytes" -- a real error from the allocator, at the allocation that broke the budget, as on a GPU.
+    """
+    import gc
+    import resource
+
+    _warm_up("cpu")
+    gc.collect()
+    baseline_data_bytes = _proc_status_bytes("VmData")
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    peak = _ResidentPeak()
+    phase = _Phase()
+    resource.setrlimit(resource.RLIMIT_DATA, (baseline_data_bytes + budget_bytes, hard))
+    try:
+        breakdown = _run_step(setup, num_layers, "cpu", phase)
+    except (RuntimeError, MemoryError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        refused = _CPU_ALLOCATOR_REFUSED.search(message)
+        if not refused and not isinstance(err, MemoryError):
+            raise
+        held_bytes = _proc_status_bytes("VmData") - baseline_data_bytes
+        resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
+        verdict.write(
+            {
+                "passed": False,
+                "peak_bytes": max(held_bytes + (int(refused.group(1)) if refused else 0), budget_bytes + 1),
+                "baseline_bytes": peak.baseline_bytes,
+                "device": "cpu",
+                "detail": f"stopped during {phase.current}; torch: {message}",
+                "allocator_error": f"{type(err).__name__}: {message}",
+            }
+        )
+        return
+    resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
+    _passed_or_not(peak, budget_bytes, breakdown, verdict, _cpu_failure(peak, phase))
+
+
+#: The shape of the message CUDA's caching allocator raises (c10/cuda/CUDACachingAllocator.cpp), with the
+#: numbers left as placeholders: what a learner sees on a GPU, beside the CPU allocator's real error.
+CUDA_OOM_MESSAGE_SHAPE = (
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate <request> GiB. GPU 0 has a total capacity of "
+    "<capacity> GiB of which <free> GiB is free. Including non-PyTorch memory, this process has <in use> GiB "
+    "memory in use. Of the allocated memory <allocated> GiB is allocated by PyTorch, and <reserved> GiB is "
+    "reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+)
 
 _TRIED_TO_ALLOCATE = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)\b")
 _UNITS = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}
@@ -400,6 +475,7 @@ def _child_cuda(setup: TrainingSetup, num_layers: int | None, budget_bytes: int,
                 "baseline_bytes": baseline_bytes,
                 "device": "cuda",
                 "detail": f"stopped during {phase.current}; torch: {first_line}",
+                "allocator_error": f"torch.OutOfMemoryError: {first_line}",
             }
         )
         return
@@ -425,7 +501,7 @@ def _child_main(request_path: str, result_path: str) -> None:
         verdict.write({"error": "device='cuda' but torch sees no GPU here; use device='cpu' (or 'auto')."})
         return
     try:
-        run = _child_cuda if use_cuda else _child_cpu
+        run = _child_cuda if use_cuda else _child_cpu_rlimit if request.get("cpu_cap") == "rlimit" else _child_cpu
         run(setup, request["num_layers"], request["budget_bytes"], verdict)
     except MoekitError as err:
         verdict.write({"error": str(err)})

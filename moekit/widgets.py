@@ -12,7 +12,7 @@ from dataclasses import fields
 import ipywidgets as w
 import plotly.graph_objects as go
 
-from moekit.breakdown import CATEGORIES, Breakdown, GiB
+from moekit.breakdown import Breakdown, GiB
 from moekit.errors import MoekitError
 from moekit.estimate import estimate
 from moekit.models import list_presets
@@ -101,6 +101,10 @@ def ladder_html(setup: TrainingSetup) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _figure(breakdown: Breakdown) -> go.Figure:
+    return breakdown_figure({"estimate": breakdown}, title="Estimated memory per GPU")
+
+
 class Dashboard:
     """Knobs on the left, the estimate as a stacked bar on the right, the verdict and the ladder below."""
 
@@ -108,7 +112,7 @@ class Dashboard:
         self.setup = setup or TrainingSetup(seq_len=12288, precision="fp16")
         self.controls = build_controls(self.setup)
         self.breakdown = estimate(self.setup)
-        self.figure = go.FigureWidget(breakdown_figure({"estimate": self.breakdown}, title="Estimated memory per GPU"))
+        self.figure = go.FigureWidget(_figure(self.breakdown))
         self.verdict = w.HTML(verdict_html(self.setup, self.breakdown))
         self.ladder = w.HTML(ladder_html(self.setup) if show_ladder else "")
         self.show_ladder = show_ladder
@@ -123,22 +127,28 @@ class Dashboard:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-estimate from the controls and update the chart, the verdict and the ladder in place."""
+        """Re-estimate from the controls and update the chart, the verdict and the ladder in place.
+
+        An invalid combination clears the chart and the ladder (nothing stale stays on screen) and says why.
+        """
         try:
             setup = setup_from_controls(self.values())
         except MoekitError as err:
             self.verdict.value = f"<b style='color:orange'>invalid setup</b>: {html.escape(str(err))}"
+            with self.figure.batch_update():
+                for trace in self.figure.data:
+                    trace.y = []
+                self.figure.layout.shapes, self.figure.layout.annotations = (), ()
+            self.ladder.value = ""
             return
         self.setup, self.breakdown = setup, estimate(setup)
+        drawn = _figure(self.breakdown)
         with self.figure.batch_update():
-            for trace in self.figure.data:
-                if trace.name in CATEGORIES:
-                    trace.y = [self.breakdown.per_gpu[trace.name] / GiB]
-                else:
-                    trace.y = [self.breakdown.total_bytes / GiB]
-            self.figure.layout.shapes[0].y0 = self.figure.layout.shapes[0].y1 = setup.gpu_memory_bytes / GiB
-            self.figure.layout.annotations[0].y = setup.gpu_memory_bytes / GiB
-            self.figure.layout.annotations[0].text = f"GPU memory {setup.gpu_memory_bytes / GiB:.1f} GiB"
+            for trace, new in zip(self.figure.data, drawn.data):
+                trace.y = new.y
+                trace.hovertemplate = new.hovertemplate
+            self.figure.layout.shapes, self.figure.layout.annotations = drawn.layout.shapes, drawn.layout.annotations
+            self.figure.layout.yaxis.range, self.figure.layout.yaxis.title = drawn.layout.yaxis.range, drawn.layout.yaxis.title
         self.verdict.value = verdict_html(setup, self.breakdown)
         if self.show_ladder:
             self.ladder.value = ladder_html(setup)

@@ -314,6 +314,28 @@ def shown_bars(output) -> dict[str, list[float]]:
     return dict(output.evaluate(_READ_BARS_JS))
 
 
+_READ_TALLEST_SHARE_JS = """
+root => {
+  const plot = root.matches('.js-plotly-plot') ? root : root.querySelector('.js-plotly-plot');
+  const stacks = {};
+  let tallest = 0;
+  for (const trace of plot.data) {
+    (trace.y || []).forEach((y, i) => {
+      if (trace.type === 'bar') { stacks[i] = (stacks[i] || 0) + Math.max(y, 0); } else { tallest = Math.max(tallest, y); }
+    });
+  }
+  tallest = Math.max(tallest, ...Object.values(stacks));
+  const [low, high] = plot._fullLayout.yaxis.range;
+  return tallest / (high - low);
+}
+"""
+
+
+def shown_tallest_share(output) -> float:
+    """The tallest bar of a rendered plotly chart as a share of its drawn y range (what a reader sees)."""
+    return float(output.evaluate(_READ_TALLEST_SHARE_JS))
+
+
 def wait_for(condition, timeout_s: float, interval_s: float = 0.25) -> bool:
     """Poll ``condition()`` until it is true or ``timeout_s`` passed; return its last answer."""
     deadline = time.monotonic() + timeout_s

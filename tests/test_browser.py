@@ -28,6 +28,7 @@ from browser_support import (
     running_lab,
     shown_bars,
     shown_controls,
+    shown_tallest_share,
     wait_for,
     wait_until_all_cells_ran,
 )
@@ -44,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 DASHBOARD_NOTEBOOK = "notebooks/09_dashboard.ipynb"
 BASELINE_NOTEBOOK = "notebooks/01_baseline_oom.ipynb"
+TOY_NOTEBOOK = "notebooks/04_batch_and_accumulation.ipynb"  # full-size and toy charts, a quick run
 VIEWPORT = {"width": 1600, "height": 1200}
 
 
@@ -175,3 +177,18 @@ def test_baseline_lesson_renders_its_plot_with_no_console_errors(page, console, 
 
     assert console.errors == []
     assert (REPO / BASELINE_NOTEBOOK).read_bytes() == committed, "the browser saved the notebook"
+
+
+def test_toy_charts_show_bars_a_reader_can_see(page, console, lab):
+    committed = run_notebook(page, lab, TOY_NOTEBOOK, timeout_s=300)
+    plots = page.locator(".jp-OutputArea .js-plotly-plot")
+    assert plots.count() == 2  # the full-size micro-batches and the toy measured on this CPU
+    for index in range(plots.count()):
+        plot = plots.nth(index)
+        plot.scroll_into_view_if_needed()
+        plot.screenshot(path=ARTIFACTS / f"04_batch_and_accumulation_plot{index}.png")
+        assert shown_tallest_share(plot) >= 0.25, f"plot {index}: its bars are flat under the y range"
+    toy = plots.nth(1)
+    assert "MiB" in toy.locator(".ytitle").text_content()  # the toy speaks MiB, not GiB of a card
+    assert console.errors == []
+    assert (REPO / TOY_NOTEBOOK).read_bytes() == committed, "the browser saved the notebook"

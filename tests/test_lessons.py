@@ -118,3 +118,38 @@ def test_a_failed_run_raises_with_the_end_of_its_output(tmp_path):
 def test_seconds_per_step_times_real_steps_of_the_setup():
     seconds = seconds_per_step(TrainingSetup(model="tiny", method="lora", seq_len=32, gpus_per_node=1, zero_stage=0), steps=2)
     assert 0 < seconds < 60
+
+
+def test_rank_chart_keeps_one_line_per_rank_and_marks_the_steps_the_log_shows(tmp_path):
+    from moekit.lessons import StepClock, rank_chart, rank_labels
+    from moekit.monitor import MemorySample
+
+    labels = ["pid 10 (deepspeed)", "rank 0 (pid 11)", "rank 1 (pid 12)", "rank 0 (pid 13)", "rank 10 (pid 14)"]
+    assert rank_labels(labels) == ["rank 0 (pid 11)", "rank 1 (pid 12)", "rank 10 (pid 14)"]
+    clock = StepClock(tmp_path)
+    samples = [MemorySample(0.5, label, 2**28, 2**34, "process") for label in labels]
+    clock(samples)
+    assert clock.step_times == []  # no log yet
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    clock([MemorySample(1.5, "rank 0 (pid 11)", 2**28, 2**34, "process")])
+    assert clock.step_times == [(1.5, 1), (1.5, 2)]
+    figure = rank_chart(samples, clock)
+    assert [trace.name for trace in figure.data] == ["rank 0 (pid 11)", "rank 1 (pid 12)", "rank 10 (pid 14)"]
+    assert [shape.x0 for shape in figure.layout.shapes] == [1.5, 1.5]
+
+
+def test_a_real_run_without_weights_says_where_to_get_them(tmp_path):
+    from moekit.lessons import require_weights
+
+    with pytest.raises(LessonError, match="WEIGHTS_DIR is not set"):
+        require_weights(None, "mixtral-8x7b")
+    with pytest.raises(LessonError, match=f"'{tmp_path}' has no \\*.safetensors files.*huggingface-cli download"):
+        require_weights(tmp_path, "mixtral-8x7b")
+    (tmp_path / "model-00001-of-00019.safetensors").write_bytes(b"")
+    assert require_weights(tmp_path, "mixtral-8x7b") == tmp_path
+
+
+def test_short_run_plan_passes_weights_and_data_to_every_rank(tmp_path):
+    setup = TrainingSetup(model="tiny", method="lora", zero_stage=2, gpus_per_node=2, seq_len=64, micro_batch=2)
+    argv = short_run_plan(setup, tmp_path / "run", weights="/data/mixtral", data="/data/text.jsonl").deepspeed_argv()
+    assert argv[argv.index("--weights") + 1] == "/data/mixtral" and argv[argv.index("--data") + 1] == "/data/text.jsonl"

@@ -60,6 +60,15 @@ def test_checkpointing_makes_the_same_step_pass_under_the_same_cap(failed, check
     assert mitigated.raise_if_failed() is mitigated
 
 
+def test_under_a_data_limit_pytorchs_own_cpu_allocator_raises_out_of_memory():
+    refused = run_capped(BASELINE, BUDGET_BYTES, device="cpu", timeout_s=300, cpu_cap="rlimit")
+    assert not refused.passed and refused.peak_bytes > BUDGET_BYTES
+    assert refused.allocator_error.startswith("RuntimeError: [enforce fail at alloc_cpu.cpp")
+    asked = int(re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", refused.allocator_error)[1])
+    assert 0 < asked <= refused.peak_bytes  # the one tensor the kernel refused, at the moment the budget broke
+    assert refused.allocator_error.split(": ", 1)[1] in refused.error
+
+
 def test_a_budget_that_is_not_a_byte_count_is_refused():
     with pytest.raises(MemcapError, match="positive number of bytes"):
         run_capped(BASELINE, 0)

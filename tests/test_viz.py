@@ -34,16 +34,41 @@ def test_breakdown_colors_are_the_same_category_colors_in_every_figure():
 
 
 def test_breakdown_figure_stacks_and_draws_the_gpu_memory_line():
-    fig = breakdown_figure([_breakdown("estimate", 10)], gpu_memory_bytes=40 * GiB)
+    fig = breakdown_figure([_breakdown("estimate", 1000)], gpu_memory_bytes=40 * GiB)  # a 27 GiB stack
     assert fig.layout.barmode == "stack"
     (line,) = fig.layout.shapes
     assert (line.y0, line.y1, line.line.dash) == (40.0, 40.0, "dash")
+    assert fig.layout.yaxis.range[1] == pytest.approx(40 * 1.08)
+
+
+def test_a_toy_chart_speaks_mib_and_leaves_off_a_card_its_bars_cannot_reach():
+    toy = _breakdown("measure", 10, gpu_memory_bytes=40 * GiB)  # 280 MiB of bars under a 40 GiB card
+    fig = breakdown_figure([toy])
+    assert fig.layout.yaxis.title.text == "MiB per GPU" and not fig.layout.shapes
+    assert list(_traces(fig)["weights"].y) == [10.0]
+    assert "off this chart, 146x the tallest bar" in fig.layout.annotations[0].text
+    assert _tallest_share(fig) > 0.9
+
+
+def test_a_toy_budget_the_bars_reach_is_drawn_in_mib():
+    fig = breakdown_figure([_breakdown("measure", 10)], gpu_memory_bytes=300 * 2**20)
+    (line,) = fig.layout.shapes
+    assert line.y0 == 300.0 and _tallest_share(fig) > 0.85
+
+
+def _tallest_share(fig) -> float:
+    """The tallest stacked bar as a share of the y range (the rule every lesson figure keeps)."""
+    bars = [t for t in fig.data if t.type == "bar"]
+    tallest = max(sum(t.y[i] for t in bars) for i in range(len(bars[0].y)))
+    low, high = fig.layout.yaxis.range
+    return tallest / (high - low)
 
 
 def test_gpu_memory_line_defaults_to_the_breakdowns_own_gpu_size():
-    fig = breakdown_figure([_breakdown("estimate", 10, gpu_memory_bytes=80 * GiB), _breakdown("measure", 9, gpu_memory_bytes=80 * GiB)])
+    on_80 = _breakdown("estimate", 1000, gpu_memory_bytes=80 * GiB)
+    fig = breakdown_figure([on_80, _breakdown("measure", 900, gpu_memory_bytes=80 * GiB)])
     assert [shape.y0 for shape in fig.layout.shapes] == [80.0]
-    no_line = breakdown_figure([_breakdown("estimate", 10, gpu_memory_bytes=80 * GiB), _breakdown("measure", 9, gpu_memory_bytes=40 * GiB)])
+    no_line = breakdown_figure([on_80, _breakdown("measure", 900, gpu_memory_bytes=40 * GiB)])
     assert not no_line.layout.shapes
 
 
@@ -109,3 +134,33 @@ def test_sweep_figure_follows_the_estimate():
     activations = next(t for t in figure.data if t.name == "activations")
     assert activations.y[1] * 2**30 == pytest.approx(estimate(setup.replace(seq_len=8192)).per_gpu["activations"])
     assert activations.y[1] > 7 * activations.y[0]
+
+
+def test_the_readability_rule_flags_toy_bars_under_a_card_sized_axis_and_passes_moekit_figures():
+    import json
+
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from moekit.viz import readability_problem, tallest_share
+
+    flat = go.Figure(go.Bar(y=[0.3]), layout={"title": {"text": "toy"}, "yaxis": {"range": [0, 40]}})
+    assert readability_problem(flat) == "'toy': the tallest bar is 1% of the y range (at least 25% needed)"
+    drawn = breakdown_figure([_breakdown("measure", 10, gpu_memory_bytes=40 * GiB)])
+    as_in_a_notebook = json.loads(pio.to_json(drawn))  # what nbval reads back from a cell's output
+    assert readability_problem(as_in_a_notebook) is None and tallest_share(as_in_a_notebook) > 0.9
+
+
+def test_notebook_figure_check_reads_plotly_outputs_of_a_cell():
+    import importlib.util
+    from pathlib import Path
+
+    import plotly.graph_objects as go
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("notebook_conftest", path)
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    flat = go.Figure(go.Bar(y=[0.3]), layout={"title": {"text": "toy"}, "yaxis": {"range": [0, 40]}}).to_plotly_json()
+    outputs = [{"name": "stdout", "text": "hi"}, {"data": {conftest.PLOTLY_MIME: flat}}]
+    assert conftest.figure_problems(outputs) == ["'toy': the tallest bar is 1% of the y range (at least 25% needed)"]

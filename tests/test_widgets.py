@@ -36,12 +36,16 @@ def test_gpu_memory_line_moves_with_the_control():
     assert board.figure.layout.shapes[0].y0 == pytest.approx(80.0)
 
 
-def test_an_invalid_combination_is_explained_not_raised():
-    board = Dashboard(show_ladder=False)
+def test_an_invalid_combination_is_explained_and_clears_the_chart_until_it_is_valid_again():
+    board = Dashboard()
     before = bar_values(board)
     board.controls["offload"].value = "optimizer+params"  # needs ZeRO-3, the board is at ZeRO-2
     assert "offloading parameters needs ZeRO-3" in board.verdict.value
-    assert bar_values(board) == before
+    assert all(len(trace.y) == 0 for trace in board.figure.data) and not board.figure.layout.shapes
+    assert board.ladder.value == ""  # no stale ladder of the last valid setup
+    board.controls["offload"].value = "none"
+    assert bar_values(board) == before and board.figure.layout.shapes[0].y0 == pytest.approx(40.0)
+    assert "<td>yes</td>" in board.ladder.value
 
 
 def test_ladder_ends_in_a_fit():
