@@ -323,12 +323,17 @@ def lora_merged_expert_bytes(setup: TrainingSetup) -> int:
 
 
 def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
-    """Logits (returned in 16-bit, log-softmax kept in fp32), final norm and lm_head input when they train."""
+    """The loss's fp32 log-softmax, final norm and lm_head input when they train.
+
+    The 16-bit logits are not kept: training loops hold only the loss (``loss = engine(**batch).loss``
+    in moekit.train, the HF Trainer, XTuner), so the model's output, logits included, is freed before
+    backward, and the log-softmax saves its own fp32 output.
+    """
     f = model_facts(setup.model)
     t = trainability(setup.model, setup.method, setup.lora)
     w = 4 if setup.precision == "fp32" else 2
     rotary_tables = 2 * w * f.head_dim  # cos and sin, shared by every layer
-    total = w * f.vocab + 4 * f.vocab + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN
+    total = 4 * f.vocab + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN  # 4 = fp32 log-softmax output
     if t.full:
         # final norm (input copy + normalized) and lm_head's input; with frozen embeddings the first
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
@@ -399,11 +404,11 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     states = model_states(setup, f, num_trainable)
     activations, recomputed = activation_bytes(setup, f.num_layers)
     tokens = setup.micro_batch * setup.seq_len
+    width = 4 if setup.precision == "fp32" else 2
     # Backward starts with the fp32 gradients of the log-softmax and of the logits; with checkpointing
     # a recomputed layer comes later, once those are gone: the larger of the two is the temporary.
     backward_temporary = max(tokens * f.vocab * 8, recomputed)
     if setup.method == "full" and setup.zero_stage >= 2:
-        width = 4 if setup.precision == "fp32" else 2
         whole_gradient = width * f.largest_param_per_layer + RECOMPUTED_SHARE_AT_EXPERT_GRADIENT * recomputed
         backward_temporary = max(backward_temporary, int(whole_gradient))
     buffers = buffer_bytes(setup)
@@ -417,7 +422,11 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     backward_start = weights_and_optimizer + early_gradients + activations + backward_temporary + persistent_buffers
     # Under LoRA the first gradient comes from inside the last layer, after its recomputation.
     recomputed_then = recomputed if setup.uses_lora else 0
-    first_gradient = weights_and_optimizer + early_gradients + activations - tokens * f.vocab * 4 + recomputed_then + buffers
+    # The loss's backward has freed the fp32 log-softmax; a full fine-tune's first gradient (lm_head's) comes
+    # while the 16-bit gradient of the logits is alive.
+    logits_gradient = tokens * f.vocab * width if setup.method == "full" else 0
+    first_gradient = (weights_and_optimizer + early_gradients + activations - tokens * f.vocab * 4 + logits_gradient
+                      + recomputed_then + buffers)
     step = weights_and_optimizer + states.gradients_bytes + states.step_temporary_bytes + persistent_buffers
     allocated = max(backward_start, first_gradient, step)
     temporaries = states.step_temporary_bytes if allocated == step and step > backward_start else backward_temporary

@@ -54,7 +54,7 @@ sequence per row, so ``packing`` does not change the bytes of a step.
 
 Categories: ``weights`` = MemTracker's Parameter bytes; ``gradients`` = gradient bytes at the end of
 backward; ``optimizer_states`` = optimizer-state bytes; ``activations`` = MemTracker's Activation bytes
-at the end of forward (logits and loss included); ``buffers`` = module buffers, buckets and gathered
+at the end of forward (the loss and what it saves included; the logits are freed with the output); ``buffers`` = module buffers, buckets and gathered
 ZeRO-3 parameters at the peak; ``temporaries`` = what the peak holds beyond all of those (0 when the
 peak comes after activations were freed); ``total`` = the peak of the step, so the categories need
 not add up to it. ``StepRecord.phases`` has every category at each phase and phase peak. Not
@@ -746,8 +746,9 @@ def run_step(
             notify("model")
             tracker.reset_peak()
             with saved.hooks():
-                output = model(input_ids=input_ids, labels=input_ids, use_cache=False)
-            loss = output.loss
+                # Like moekit.train, the HF Trainer and XTuner: only the loss is kept, so the model's output
+                # (and its 16-bit logits) is freed before backward.
+                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
             phases["forward"] = tracker.categories()
             phases["forward_peak"] = tracker.categories("peak")
             notify("forward")
@@ -760,7 +761,7 @@ def run_step(
             phases["backward"] = tracker.categories()
             phases["backward_peak"] = tracker.categories("peak")
             notify("backward")
-            del loss, output
+            del loss
             bar.stage("optimizer step")
             tracker.reset_peak()
             states.step()
