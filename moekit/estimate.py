@@ -419,7 +419,11 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     # ZeRO-1/2 allocate their reduce buckets at the first gradient, after the loss's own backward has
     # freed the fp32 log-softmax; ZeRO-3's bucket and gathered module are there throughout.
     persistent_buffers = buffers if setup.zero_stage == 3 else 0
-    backward_start = weights_and_optimizer + early_gradients + activations + backward_temporary + persistent_buffers
+    # ZeRO-1 with accumulation holds its buckets from the first micro-batch's backward to the boundary: it
+    # reduces only at the boundary (engine.allreduce_gradients), so nothing calls the epilogue that frees them
+    # (stage_1_and_2: setup_buckets allocates once per ready_for_gradients, _release_ipg_buffers resets it).
+    held_buffers = buffers if (setup.zero_stage == 1 and setup.grad_accum > 1) else persistent_buffers
+    backward_start = weights_and_optimizer + early_gradients + activations + backward_temporary + held_buffers
     # Under LoRA the first gradient comes from inside the last layer, after its recomputation.
     recomputed_then = recomputed if setup.uses_lora else 0
     # The loss's backward has freed the fp32 log-softmax; a full fine-tune's first gradient (lm_head's) comes

@@ -28,6 +28,7 @@ allocator reserve) is left out of the comparison: a CPU has none.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import subprocess
@@ -189,8 +190,11 @@ def _measure_in(setup: TrainingSetup, folder: Path, steps: int, seed: int, progr
     launcher_log = folder / "launcher.log"
     try:
         with launcher_log.open("w") as log:
-            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-            returncode = _wait_with_progress(process, folder, setup, steps, progress, timeout_s)
+            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                returncode = _wait_with_progress(process, folder, setup, steps, progress, timeout_s)
+            finally:
+                _stop(process)
     finally:
         _remove_shm_buffers(port)
     ranks = [_read_rank(folder, rank, setup) for rank in range(num_ranks)]
@@ -211,8 +215,6 @@ def _wait_with_progress(process: subprocess.Popen, folder: Path, setup: Training
     try:
         while process.poll() is None:
             if time.monotonic() - began > timeout_s:
-                process.kill()
-                process.wait()
                 raise EngineMeasureError(f"the ranks ran past {timeout_s:.0f} s and were stopped; try fewer --steps "
                                          f"or a smaller --seq (rank stderr in {folder}).")
             done = _progress_of(folder)
@@ -223,6 +225,15 @@ def _wait_with_progress(process: subprocess.Popen, folder: Path, setup: Training
     finally:
         bar.close()
     return process.returncode
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Kill the launcher and its ranks (their own process group) if they still run: timeout or interrupt."""
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _progress_of(folder: Path) -> int:
@@ -274,17 +285,57 @@ class Timeline:
     times_ns: list[int]
     live_bytes: list[int]
     ranges: list[tuple[str, int, int]]  # (phase, start ns, end ns)
+    #: (time ns, bytes (< 0 for a free), address, the ops that allocated it, innermost last)
+    events: list[tuple[int, int, int, str]] = field(default_factory=list)
+
+    def largest_live_at(self, time_ns: int, count: int = 12) -> list[tuple[int, str]]:
+        """The largest allocations live at time_ns, with the ops that made them: what a peak is made of."""
+        live: dict[int, tuple[int, str]] = {}
+        for event_time, size, address, ops in self.events:
+            if event_time > time_ns:
+                break
+            if size > 0:
+                live[address] = (size, ops)
+            else:
+                live.pop(address, None)
+        return sorted(live.values(), reverse=True)[:count]
+
+    def kept_between(self, start_ns: int, end_ns: int, count: int = 15) -> list[tuple[int, str]]:
+        """Bytes allocated in [start_ns, end_ns] and still live at end_ns, summed by the ops that made them."""
+        made: dict[int, tuple[int, str]] = {}
+        for event_time, size, address, ops in self.events:
+            if event_time > end_ns:
+                break
+            if event_time < start_ns:
+                continue
+            if size > 0:
+                made[address] = (size, ops)
+            else:
+                made.pop(address, None)
+        by_ops: dict[str, int] = {}
+        for size, ops in made.values():
+            by_ops[ops] = by_ops.get(ops, 0) + size
+        return sorted(((size, ops) for ops, size in by_ops.items()), reverse=True)[:count]
+
+    def peak_time(self, phases: tuple[str, ...] = PHASES) -> int:
+        """When the live bytes were highest inside the given phases' ranges."""
+        best, when = -1, 0
+        for phase, start, end in self.ranges:
+            if phase not in phases:
+                continue
+            first = bisect.bisect_left(self.times_ns, start)
+            last = bisect.bisect_right(self.times_ns, end)
+            for index in range(first, last):
+                if self.live_bytes[index] > best:
+                    best, when = self.live_bytes[index], self.times_ns[index]
+        return when
 
     def live_at(self, time_ns: int) -> int:
         """Live bytes just after the last event at or before time_ns."""
-        import bisect
-
         index = bisect.bisect_right(self.times_ns, time_ns) - 1
         return self.live_bytes[index] if index >= 0 else 0
 
     def peak_between(self, start_ns: int, end_ns: int) -> int:
-        import bisect
-
         first = bisect.bisect_left(self.times_ns, start_ns)
         last = bisect.bisect_right(self.times_ns, end_ns)
         inside = self.live_bytes[first:last]
@@ -305,7 +356,7 @@ class Timeline:
 
 def timeline_from_profiler(prof: torch.profiler.profile, device_type: str = "cpu") -> Timeline:
     """Allocation events (``alloc_size`` < 0 for frees) summed in time order, and the ``moekit:`` ranges."""
-    events: list[tuple[int, int]] = []
+    events: list[tuple[int, int, int, str]] = []
     ranges: list[tuple[str, int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -313,18 +364,28 @@ def timeline_from_profiler(prof: torch.profiler.profile, device_type: str = "cpu
         fields = node.extra_fields
         if type(fields).__name__ == "_ExtraFields_Allocation":
             if fields.device.type == device_type:
-                events.append((node.start_time_ns, fields.alloc_size))
+                events.append((node.start_time_ns, fields.alloc_size, fields.ptr, _op_chain(node)))
         elif node.name.startswith(_RANGE_PREFIX):
             ranges.append((node.name.removeprefix(_RANGE_PREFIX), node.start_time_ns, node.end_time_ns))
         stack.extend(node.children)
-    events.sort()
+    events.sort(key=lambda event: event[0])
     times, live, total = [], [], 0
-    for time_ns, size in events:
+    for time_ns, size, _, _ in events:
         total += size
         times.append(time_ns)
         live.append(total)
     ranges.sort(key=lambda r: r[1])
-    return Timeline(times, live, ranges)
+    return Timeline(times, live, ranges, events)
+
+
+def _op_chain(node, depth: int = 4) -> str:
+    """The names of the ops around an allocation, outermost first (``moekit:backward > aten::mm > ...``)."""
+    names = []
+    parent = node.parent
+    while parent is not None and len(names) < depth:
+        names.append(parent.name)
+        parent = parent.parent
+    return " > ".join(reversed(names))
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +466,8 @@ class _Recorder:
 
 def _rank_figures(recorder: _Recorder, weights_bytes: int) -> dict:
     """Phase peaks and categories of this rank, from the timeline (CPU) or the allocator's marks (CUDA)."""
+    largest: list[tuple[int, str]] = []
+    kept_by_forward: list[tuple[int, str]] = []
     if recorder.device_type == "cuda":
         peaks = {name: figures["max_allocated"] for name, figures in recorder.cuda.items()}
         marks = recorder.marks
@@ -414,6 +477,8 @@ def _rank_figures(recorder: _Recorder, weights_bytes: int) -> dict:
                  if name.startswith("mark:")}
         timeline.ranges = [r for r in timeline.ranges if not r[0].startswith("mark:")]
         peaks = timeline.phase_peaks()
+        largest = timeline.largest_live_at(timeline.peak_time())
+        kept_by_forward = timeline.kept_between(*timeline.last("forward"))
         for phase in PHASES:
             marks[f"end {phase}"] = timeline.live_at(timeline.last(phase)[1])
     peaks.setdefault(BUILD_PHASE, marks.get("initialized", 0))
@@ -426,7 +491,8 @@ def _rank_figures(recorder: _Recorder, weights_bytes: int) -> dict:
     }
     per_gpu["temporaries"] = max(0, total - sum(per_gpu.values()))
     return {"phase_peak_bytes": peaks, "per_gpu": per_gpu, "total_bytes": total, "device": recorder.device_type,
-            "cuda": recorder.cuda}
+            "cuda": recorder.cuda, "largest_live_at_peak": largest,
+            "kept_by_last_forward": kept_by_forward}
 
 
 def run_rank(setup: TrainingSetup, out_dir: Path, steps: int, seed: int) -> None:

@@ -44,6 +44,9 @@ parameters get gradients and optimizer state; stage 0 is modeled like stage 1 wi
 - Communication buckets (``buffers``): ZeRO-1/2 allocate two reduce buckets of
   ``REDUCE_BUCKET_ELEMENTS`` in the working dtype at the first gradient and free them after backward
   (contiguous_gradients with overlap_comm, as XTuner's presets set); ZeRO-3 keeps one for the run.
+  ZeRO-1 with accumulation > 1 reduces only at the accumulation boundary, and only that boundary's
+  epilogue frees the buckets (``setup_buckets`` / ``_release_ipg_buffers`` in stage_1_and_2.py), so they
+  exist before the forward (as from the second micro-batch on).
 - Offload: what DeepSpeed moves to the host (fp32 master, moments, fp32 gradient partition; with
   "optimizer+params" also the 16-bit weight partitions) is not allocated on the device at all; its
   exact size goes to ``per_host`` (summed over the ranks of one node). Stage 2/3 gradients then go
@@ -526,6 +529,8 @@ class _RankStates:
                     self.tracker.label(param.grad, "gradients")
             elif self.stage == 2 and not self.offload:
                 self.grad_partition = self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
+            if self.stage == 1:  # ZeRO-1 frees its buckets only at the accumulation boundary (see the docstring)
+                self.buckets = [self._new(REDUCE_BUCKET_ELEMENTS, self.dtype, "buffers") for _ in range(2)]
         if self.stage != 3:
             return None
         self.grad_partition = None if self.offload else self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
