@@ -98,6 +98,9 @@ def test_gradient_accumulation_holds_gradients_through_the_next_forward(stage):
     trainable = tiny_lora_params()
     expected = 2 * (trainable if stage == 1 else flat_partition(trainable, 3))
     assert record.phases["model"]["gradients"] == record.phases["forward"]["gradients"] == expected
+    # ZeRO-1 reduces only at the accumulation boundary, whose epilogue alone frees the two reduce buckets.
+    held_buckets = 2 * 2 * REDUCE_BUCKET_ELEMENTS if stage == 1 else 0
+    assert record.phases["forward"]["buffers"] == pytest.approx(held_buckets, abs=1024)  # + the model's rotary buffers
 
 
 def test_zero3_partitions_every_parameter_and_gathers_one_unit_at_a_time():
