@@ -322,6 +322,24 @@ def lora_merged_expert_bytes(setup: TrainingSetup) -> int:
     return w * model_facts(setup.model).num_expert_params_per_layer
 
 
+def zero3_kept_expert_bytes(setup: TrainingSetup) -> int:
+    """Under ZeRO-3, the gathered fused expert weights one layer's forward leaves alive until its backward.
+
+    transformers' grouped expert matmul passes ``weight.transpose(-2, -1)``, a view, and autograd saves it for
+    the input's gradient. DeepSpeed releases a gathered parameter by pointing ``param.data`` at an empty tensor
+    (``free_param``), which cannot free a storage that a saved view still holds; its own ZeRO-3 linear saves the
+    parameter itself and re-gathers it for backward, so only the experts stay. With LoRA on the experts the
+    matmul sees peft's merged copy instead (``lora_merged_expert_bytes``), and under checkpointing forward saves
+    nothing.
+    """
+    if setup.zero_stage != 3 or setup.activation_checkpointing:
+        return 0
+    if trainability(setup.model, setup.method, setup.lora).experts_lora:
+        return 0
+    w = 4 if setup.precision == "fp32" else 2
+    return w * model_facts(setup.model).num_expert_params_per_layer
+
+
 def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
     """The loss's fp32 log-softmax, final norm and lm_head input when they train.
 
@@ -349,7 +367,7 @@ def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
     f = model_facts(setup.model)
     w = 4 if setup.precision == "fp32" else 2
     tokens = setup.micro_batch * setup.seq_len
-    one_layer = tokens * layer_bytes_per_token(setup) + lora_merged_expert_bytes(setup)
+    one_layer = tokens * layer_bytes_per_token(setup) + lora_merged_expert_bytes(setup) + zero3_kept_expert_bytes(setup)
     if setup.attn_implementation == "eager":
         one_layer += eager_attention_bytes(setup)
     elif f.sliding_window and setup.seq_len >= f.sliding_window:

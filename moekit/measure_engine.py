@@ -83,6 +83,7 @@ class EngineMeasurement:
     steps: int
     ranks: list[RankMeasurement]
     estimate: Breakdown
+    master_port: int  # the ranks' rendezvous port (it names DeepSpeed's CPU shared-memory files)
 
     @property
     def estimate_bytes(self) -> int:
@@ -201,7 +202,7 @@ def _measure_in(setup: TrainingSetup, folder: Path, steps: int, seed: int, progr
     failed = [rank for rank, result in enumerate(ranks) if result is None]
     if failed or returncode != 0:
         raise EngineMeasureError(_failure_message(folder, failed or list(range(num_ranks)), returncode, launcher_log))
-    return EngineMeasurement(setup, device, steps, ranks, estimated)
+    return EngineMeasurement(setup, device, steps, ranks, estimated, port)
 
 
 def _wait_with_progress(process: subprocess.Popen, folder: Path, setup: TrainingSetup, steps: int, progress: bool,
@@ -312,10 +313,11 @@ class Timeline:
                 made[address] = (size, ops)
             else:
                 made.pop(address, None)
-        by_ops: dict[str, int] = {}
+        by_ops: dict[str, list[int]] = {}
         for size, ops in made.values():
-            by_ops[ops] = by_ops.get(ops, 0) + size
-        return sorted(((size, ops) for ops, size in by_ops.items()), reverse=True)[:count]
+            by_ops.setdefault(ops, []).append(size)
+        return sorted(((sum(sizes), f"{ops} ({len(sizes)} x {max(sizes)} B at most)") for ops, sizes in by_ops.items()),
+                      reverse=True)[:count]
 
     def peak_time(self, phases: tuple[str, ...] = PHASES) -> int:
         """When the live bytes were highest inside the given phases' ranges."""

@@ -323,6 +323,7 @@ class _Zero3Gatherer:
         self.shapes: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.values: WeakIdKeyDictionary = WeakIdKeyDictionary()  # real runs: the other ranks' shards
         self.live: list[torch.nn.Module] = []
+        self.kept_views: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> saved views of its gathered storage
         self.owner_of_storage: WeakIdKeyDictionary = WeakIdKeyDictionary()  # gathered storage -> param
         self.gathered_bytes = 0
         self.max_gathered_bytes = 0
@@ -356,11 +357,17 @@ class _Zero3Gatherer:
             self.gathered_bytes += full.numel() * full.element_size()
             self.max_gathered_bytes = max(self.max_gathered_bytes, self.gathered_bytes)
 
+    def keep_view(self, param: torch.Tensor, view: torch.Tensor) -> None:
+        """A saved view of a gathered parameter: its storage becomes an activation when the parameter is released."""
+        self.kept_views.setdefault(param, []).append(view)
+
     def release(self, unit: torch.nn.Module) -> None:
         for param in unit.parameters():
             if param in self.shapes and param.numel():
                 self.gathered_bytes -= param.numel() * param.element_size()
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            for view in self.kept_views.pop(param, []):
+                self.tracker.label(view, "activations")
         if unit in self.live:
             self.live.remove(unit)
 
@@ -421,7 +428,15 @@ class _SavedTensors:
         param = self._param_sharing_storage(tensor)
         if param is not None:
             if self.zero3 is not None and param in self.zero3.shapes:
-                return ("zero3", param, tensor.size(), tensor.stride(), tensor.storage_offset())
+                if len(self.zero3.shapes[param]) != 3:
+                    return ("zero3", param, tensor.size(), tensor.stride(), tensor.storage_offset())
+                # Fused 3-D experts reach autograd as a transposed view (transformers' grouped matmul), not through
+                # DeepSpeed's ZeRO-3 linear: the view keeps the gathered storage alive until backward.
+                self.zero3.keep_view(param, tensor)
+                storage = tensor.untyped_storage()
+                if storage not in self.seen:
+                    self.seen[storage] = True
+                    self.num_bytes += storage.nbytes()
             return tensor
         storage = tensor.untyped_storage()
         if storage not in self.seen:
