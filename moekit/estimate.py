@@ -383,6 +383,37 @@ def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+#: DeepSpeed's ``stage3_max_reuse_distance`` default (deepspeed/runtime/zero/config.py), in elements.
+STAGE3_MAX_REUSE_DISTANCE_ELEMENTS = 1_000_000_000
+
+
+def zero3_kept_gathered_params(setup: TrainingSetup) -> int:
+    """Parameters ZeRO-3 leaves gathered at the start of backward because it uses them again soon.
+
+    Once the first step has recorded the module trace, DeepSpeed releases a module's gathered parameters after use
+    only if they do not come back within ``stage3_max_reuse_distance`` parameters of the trace
+    (``PartitionedParameterCoordinator.__params_to_release``). At the end of forward the trace ahead is the
+    backward: lm_head, then the layers from the last, each MoE block (a leaf) before its attention. Walking it,
+    every module met before 1e9 parameters have gone by stays gathered: a whole small model, lm_head and the last
+    layer's experts of Mixtral 8x7B.
+    """
+    census = parameter_census(setup.model)
+    layer = per_layer_census(setup.model)
+    adapters_per_layer = num_trainable_params(setup) // model_facts(setup.model).num_layers if setup.uses_lora else 0
+    moe_block = layer.get("experts", 0) + layer.get("router", 0) + layer.get("shared_experts", 0) + layer.get("mlp", 0)
+    rest_of_layer = sum(layer.values()) - moe_block + adapters_per_layer
+    backward_order = [census.num_params_by_component.get("lm_head", 0)]
+    backward_order += [moe_block, rest_of_layer] * model_facts(setup.model).num_layers
+    backward_order.append(census.num_params_by_component.get("embeddings", 0))
+    kept, traversed = 0, 0
+    for module_params in backward_order:
+        if traversed >= STAGE3_MAX_REUSE_DISTANCE_ELEMENTS:
+            break
+        kept += module_params
+        traversed += module_params
+    return kept
+
+
 def buffer_bytes(setup: TrainingSetup) -> int:
     """DeepSpeed's gradient-reduction buckets, and under ZeRO-3 the module gathered for compute.
 
@@ -397,7 +428,8 @@ def buffer_bytes(setup: TrainingSetup) -> int:
     if setup.zero_stage == 3:
         f = model_facts(setup.model)
         prefetched = min(STAGE3_PREFETCH_BUCKET_ELEMENTS, f.second_largest_module_params)
-        return width * (REDUCE_BUCKET_ELEMENTS + f.largest_module_params + prefetched)
+        gathered = max(f.largest_module_params + prefetched, zero3_kept_gathered_params(setup))
+        return width * (REDUCE_BUCKET_ELEMENTS + gathered)
     return 0
 
 

@@ -289,7 +289,7 @@ class Timeline:
     #: (time ns, bytes (< 0 for a free), address, the ops that allocated it, innermost last)
     events: list[tuple[int, int, int, str]] = field(default_factory=list)
 
-    def largest_live_at(self, time_ns: int, count: int = 12) -> list[tuple[int, str]]:
+    def largest_live_at(self, time_ns: int, count: int = 40) -> list[tuple[int, str]]:
         """The largest allocations live at time_ns, with the ops that made them: what a peak is made of."""
         live: dict[int, tuple[int, str]] = {}
         for event_time, size, address, ops in self.events:
