@@ -59,8 +59,8 @@ Categories: ``weights`` = MemTracker's Parameter bytes; ``gradients`` = gradient
 backward; ``optimizer_states`` = optimizer-state bytes; ``activations`` = MemTracker's Activation bytes
 at the end of forward (the loss and what it saves included; the logits are freed with the output);
 ``buffers`` = module buffers, buckets and gathered ZeRO-3 parameters at the peak; ``temporaries`` = what
-the peak holds beyond all of those (0 when the peak comes after activations were freed); ``total`` = the peak of the step, so the categories need
-not add up to it. ``StepRecord.phases`` has every category at each phase and phase peak. Not
+the peak holds beyond all of those (0 when the peak comes after activations were freed); ``total`` = the
+peak of the step, so the categories need not add up to it. ``StepRecord.phases`` has every category at each phase and phase peak. Not
 modeled: fp16 loss-scaling scratch, gradient clipping's norm buffers (a few bytes per tensor),
 ZeRO-3 prefetching beyond the unit being computed.
 """
