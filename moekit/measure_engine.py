@@ -459,6 +459,9 @@ class _Recorder:
         if self.device_type == "cuda":
             torch.cuda.synchronize()
             self.marks[name] = torch.cuda.memory_allocated()
+            if name == "initialized":  # the peak of building and deepspeed.initialize
+                self.cuda[BUILD_PHASE] = {"max_allocated": torch.cuda.max_memory_allocated(),
+                                          "max_reserved": torch.cuda.max_memory_reserved()}
             return
         from torch.profiler import record_function
 
@@ -515,6 +518,8 @@ def run_rank(setup: TrainingSetup, out_dir: Path, steps: int, seed: int) -> None
     rank, world_size = init_distributed()
     run_setup = setup_for_world(setup, world_size)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":  # before the recorder resets this rank's peaks (DeepSpeed sets it again, the same)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     recorder = _Recorder(device_type)
     progress = out_dir / f"progress.rank{rank}"
     zero_init = run_setup.zero_stage == 3
