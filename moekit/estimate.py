@@ -375,7 +375,9 @@ def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
     outside = tokens * outside_layers_bytes_per_token(setup)
     if setup.activation_checkpointing:
         return num_layers * tokens * w * f.hidden + outside, one_layer
-    return num_layers * one_layer + outside, 0
+    # layers whose experts ZeRO-3 keeps gathered anyway hold no extra copy for the saved view
+    already_gathered = min(num_layers, zero3_layers_with_experts_gathered(setup)) if zero3_kept_expert_bytes(setup) else 0
+    return num_layers * one_layer - already_gathered * zero3_kept_expert_bytes(setup) + outside, 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,29 +390,41 @@ STAGE3_MAX_REUSE_DISTANCE_ELEMENTS = 1_000_000_000
 
 
 def zero3_kept_gathered_params(setup: TrainingSetup) -> int:
-    """Parameters ZeRO-3 leaves gathered at the start of backward because it uses them again soon.
+    """Parameters ZeRO-3 still holds gathered at the start of backward because it will use them again soon.
 
-    Once the first step has recorded the module trace, DeepSpeed releases a module's gathered parameters after use
-    only if they do not come back within ``stage3_max_reuse_distance`` parameters of the trace
-    (``PartitionedParameterCoordinator.__params_to_release``). At the end of forward the trace ahead is the
-    backward: lm_head, then the layers from the last, each MoE block (a leaf) before its attention. Walking it,
-    every module met before 1e9 parameters have gone by stays gathered: a whole small model, lm_head and the last
-    layer's experts of Mixtral 8x7B.
+    Once the first step has recorded the module trace, DeepSpeed releases a module after use only if it does not
+    come back within ``stage3_max_reuse_distance`` parameters of the trace (``__params_to_release`` in
+    partitioned_param_coordinator.py). A module's forward use comes back in its backward: in between, the trace
+    runs every later module forward and then backward (twice their parameters), and with checkpointing also
+    recomputes each later layer (three times). So lm_head and the modules nearest it stay gathered: a whole
+    small model, lm_head and the last layer's experts of Mixtral 8x7B.
     """
+    return sum(params for _, params in _zero3_kept_modules(setup))
+
+
+def zero3_layers_with_experts_gathered(setup: TrainingSetup) -> int:
+    """Layers whose MoE block ZeRO-3 keeps gathered from forward to backward (see zero3_kept_gathered_params)."""
+    return sum(1 for kind, _ in _zero3_kept_modules(setup) if kind == "moe block")
+
+
+def _zero3_kept_modules(setup: TrainingSetup) -> list[tuple[str, int]]:
+    """(kind, parameters) of the modules in backward order whose backward comes within the reuse distance."""
     census = parameter_census(setup.model)
     layer = per_layer_census(setup.model)
-    adapters_per_layer = num_trainable_params(setup) // model_facts(setup.model).num_layers if setup.uses_lora else 0
+    num_layers = model_facts(setup.model).num_layers
+    adapters_per_layer = num_trainable_params(setup) // num_layers if setup.uses_lora else 0
     moe_block = layer.get("experts", 0) + layer.get("router", 0) + layer.get("shared_experts", 0) + layer.get("mlp", 0)
     rest_of_layer = sum(layer.values()) - moe_block + adapters_per_layer
-    backward_order = [census.num_params_by_component.get("lm_head", 0)]
-    backward_order += [moe_block, rest_of_layer] * model_facts(setup.model).num_layers
-    backward_order.append(census.num_params_by_component.get("embeddings", 0))
-    kept, traversed = 0, 0
-    for module_params in backward_order:
-        if traversed >= STAGE3_MAX_REUSE_DISTANCE_ELEMENTS:
+    backward_order = [("lm_head", census.num_params_by_component.get("lm_head", 0))]
+    backward_order += [("moe block", moe_block), ("attention and norms", rest_of_layer)] * num_layers
+    backward_order.append(("embeddings", census.num_params_by_component.get("embeddings", 0)))
+    uses_between = 3 if setup.activation_checkpointing else 2
+    kept, later = [], 0
+    for kind, params in backward_order:
+        if uses_between * later >= STAGE3_MAX_REUSE_DISTANCE_ELEMENTS:
             break
-        kept += module_params
-        traversed += module_params
+        kept.append((kind, params))
+        later += params
     return kept
 
 

@@ -79,6 +79,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
+from moekit.estimate import STAGE3_MAX_REUSE_DISTANCE_ELEMENTS
 from moekit.models import as_config, build_model, config_with_layers, default_dtype
 from moekit.training_setup import TrainingSetup
 
@@ -317,7 +318,7 @@ def zero3_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 class _Zero3Gatherer:
     """Empties every parameter and gathers a unit's parameters only while the unit computes."""
 
-    def __init__(self, model: torch.nn.Module, tracker: _Tracker) -> None:
+    def __init__(self, model: torch.nn.Module, tracker: _Tracker, *, checkpointing: bool = False) -> None:
         self.tracker = tracker
         self.units = zero3_units(model)
         self.shapes: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -334,6 +335,15 @@ class _Zero3Gatherer:
                 if not self.fake:  # kept in host RAM, out of the tracked device's way
                     self.values[param] = param.detach().to("cpu", copy=True)
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        # DeepSpeed keeps a module gathered after its forward when its backward comes within
+        # stage3_max_reuse_distance parameters of trace (moekit.estimate.zero3_kept_gathered_params).
+        self.waiting_for_backward: list[torch.nn.Module] = []
+        self.kept_after_forward: set[int] = set()
+        later, uses_between = 0, 3 if checkpointing else 2
+        for unit in reversed(self.units):
+            if uses_between * later < STAGE3_MAX_REUSE_DISTANCE_ELEMENTS:
+                self.kept_after_forward.add(id(unit))
+            later += sum(math.prod(self.shapes[p]) for p in unit.parameters())
         self.handles = []
         for unit in self.units:
             self.handles.append(unit.register_forward_pre_hook(lambda m, args: self.gather(m)))
@@ -372,19 +382,29 @@ class _Zero3Gatherer:
             self.live.remove(unit)
 
     def release_after_forward(self, unit: torch.nn.Module) -> None:
-        """Release after forward, except in a checkpoint's recomputation inside backward: autograd checks
-        the recomputed tensors against the forward's, so the layer stays gathered until its backward."""
-        if torch._C._current_graph_task_id() == -1:
-            self.release(unit)
+        """Release after forward, except in a checkpoint's recomputation inside backward (autograd checks
+        the recomputed tensors against the forward's, so the layer stays gathered until its backward) and
+        for the units DeepSpeed keeps because their backward comes soon."""
+        if torch._C._current_graph_task_id() != -1:
+            return
+        if id(unit) in self.kept_after_forward:
+            if unit not in self.waiting_for_backward:
+                self.waiting_for_backward.append(unit)
+            return
+        self.release(unit)
 
     def gather_for_backward(self, unit: torch.nn.Module) -> None:
-        """Backward visits units in reverse: the unit finished before this one is released first."""
+        """Backward visits units in reverse: the unit finished before this one is released first (units kept
+        for their own backward stay)."""
+        if unit in self.waiting_for_backward:
+            self.waiting_for_backward.remove(unit)
         for other in list(self.live):
-            if other is not unit:
+            if other is not unit and other not in self.waiting_for_backward:
                 self.release(other)
         self.gather(unit)
 
     def release_all(self) -> None:
+        self.waiting_for_backward.clear()
         for unit in list(self.live):
             self.release(unit)
         for handle in self.handles:
@@ -550,7 +570,7 @@ class _RankStates:
             return None
         self.grad_partition = None if self.offload else self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
         self.buckets = [self._new(REDUCE_BUCKET_ELEMENTS, self.dtype, "buffers")]
-        return _Zero3Gatherer(model, self.tracker)
+        return _Zero3Gatherer(model, self.tracker, checkpointing=self.setup.activation_checkpointing)
 
     def _new(self, numel: int, dtype: torch.dtype, category: str, *, zeros: bool = False, keep: bool = False) -> torch.Tensor:
         tensor = (torch.zeros if zeros else torch.empty)(numel, dtype=dtype, device=self.device)
