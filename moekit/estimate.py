@@ -415,9 +415,11 @@ def _zero3_kept_modules(setup: TrainingSetup) -> list[tuple[str, int]]:
     adapters_per_layer = num_trainable_params(setup) // num_layers if setup.uses_lora else 0
     moe_block = layer.get("experts", 0) + layer.get("router", 0) + layer.get("shared_experts", 0) + layer.get("mlp", 0)
     rest_of_layer = sum(layer.values()) - moe_block + adapters_per_layer
-    backward_order = [("lm_head", census.num_params_by_component.get("lm_head", 0))]
+    lm_head, embeddings = census.num_params_by_component.get("lm_head", 0), census.num_params_by_component.get("embeddings", 0)
+    final_norm = census.num_params - embeddings - lm_head - num_layers * sum(layer.values())
+    backward_order = [("lm_head and final norm", lm_head + final_norm)]
     backward_order += [("moe block", moe_block), ("attention and norms", rest_of_layer)] * num_layers
-    backward_order.append(("embeddings", census.num_params_by_component.get("embeddings", 0)))
+    backward_order.append(("embeddings", embeddings))
     uses_between = 3 if setup.activation_checkpointing else 2
     kept, later = [], 0
     for kind, params in backward_order:

@@ -7,7 +7,15 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from moekit.cli import main
-from moekit.estimate import estimate, layer_bytes_per_token, model_facts, num_trainable_params
+from moekit.estimate import (
+    estimate,
+    layer_bytes_per_token,
+    model_facts,
+    num_trainable_params,
+    zero3_kept_gathered_params,
+    zero3_layers_with_experts_gathered,
+)
+from moekit.models import parameter_census
 from moekit.training_setup import LoraSpec, TrainingSetup
 
 P_MIXTRAL = 46_702_792_704
@@ -151,3 +159,13 @@ def test_nvme_offload_moves_the_offloaded_states_from_host_ram_to_disk():
     on_disk_gib = sum(cpu_breakdown.per_host.values()) / 2**30
     assert nvme_breakdown.notes["nvme"].startswith(f"{on_disk_gib:.1f} GiB per node (gradients, optimizer_states, weights) on NVMe")
     assert "/local/nvme" in nvme_breakdown.table() and nvme_breakdown.as_dict()["notes"] == nvme_breakdown.notes
+
+
+def test_zero3_keeps_gathered_what_it_reuses_within_a_billion_parameters_of_trace():
+    mixtral = TrainingSetup(model="mixtral-8x7b", method="full", zero_stage=3)
+    # lm_head (131,072,000), the final norm (4,096) and the last layer's MoE block (experts 1,409,286,144 +
+    # router 32,768); its attention's backward is 2 x 1.54e9 parameters of trace away
+    assert zero3_kept_gathered_params(mixtral) == 131_072_000 + 4_096 + 1_409_286_144 + 32_768
+    assert zero3_layers_with_experts_gathered(mixtral) == 1
+    small = TrainingSetup(model="small", method="full", zero_stage=3)
+    assert zero3_kept_gathered_params(small) == parameter_census("small").num_params  # the whole model

@@ -111,11 +111,11 @@ def test_zero3_partitions_every_parameter_and_gathers_one_unit_at_a_time():
     assert record.breakdown.per_gpu["weights"] == 2 * per_param_partition
     assert record.breakdown.per_gpu["gradients"] == 2 * per_param_partition
     assert record.breakdown.per_gpu["optimizer_states"] == 12 * per_param_partition + STEP_COUNTER_BYTES
-    # Units are gathered at full size only while they compute: the largest (the embedding or lm_head,
-    # 512 x 64 in bf16) at most together with its neighbour, never the whole model.
+    # DeepSpeed keeps a unit gathered after forward when its backward comes within stage3_max_reuse_distance
+    # (1e9) parameters of trace: for a model this small, every unit (measured on the real engine: issue 14).
     gathered = int(record.notes["zero3_max_gathered_bytes"])
-    assert 2 * 512 * 64 <= gathered < 2 * census.num_params // 2
-    assert record.phases["forward"]["buffers"] == record.phases["model"]["buffers"]  # all released after forward
+    assert gathered == 2 * census.num_params
+    assert record.phases["forward"]["buffers"] - record.phases["model"]["buffers"] == 2 * census.num_params
 
 
 def test_offload_moves_optimizer_states_and_gradients_to_the_host():
