@@ -101,7 +101,7 @@ def test_timeline_sums_allocation_events_in_time_order_and_peaks_per_phase():
 
 
 def test_cli_measure_engine_deepspeed_prints_each_rank_beside_the_estimate(capsys):
-    argv = ["measure", "--engine", "deepspeed", "--model", "tiny", "--method", "lora", "--zero", "3", "--gpus", "2",
+    argv = ["measure", "--engine", "deepspeed", "--model", "tiny", "--method", "lora", "--zero", "2", "--gpus", "2",
             "--seq", "512", "--micro-batch", "2", "--json"]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
