@@ -183,9 +183,10 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
     weights = _base_weight_bytes(setup, facts) + adapters * width
     owned = _partition(num_trainable, n) if stage >= 1 else num_trainable
     gradients = width * (_partition(num_trainable, n) if stage >= 2 else num_trainable)
-    # fp32 master weights exist under mixed precision, and under fp32 too in the stage-1/2 optimizer,
-    # which clones its partition (single_partition_of_fp32_groups); Adam's m and v always.
-    master = 4 * owned if (mixed or stage in (1, 2)) else 0
+    # fp32 master weights exist under mixed precision, and under fp32 too in every ZeRO optimizer: stage 1/2
+    # clone their partition (single_partition_of_fp32_groups), stage 3 too (_create_fp32_partitions compares a
+    # torch.device with the accelerator's device name, a string, so its no-copy branch never runs); m and v always.
+    master = 4 * owned if (mixed or stage >= 1) else 0
     optimizer = master + 8 * owned
     # The optimizer step's fp32 gradient of the partition; except under ZeRO-2 (whose gradient partition
     # is already one flat buffer) it is first flattened in the working dtype, then upcast.

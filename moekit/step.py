@@ -26,7 +26,9 @@ parameters get gradients and optimizer state; stage 0 is modeled like stage 1 wi
   flat buffer to a multiple of 2N elements), ``sum(ceil(numel/N))`` for stage 3 (in sub-groups, see
   below). Under fp32 precision
   DeepSpeed's stage-1/2 optimizer still clones the partition (``single_partition_of_fp32_groups``,
-  deepspeed/runtime/zero/stage_1_and_2.py); stage 0 and stage 3 step the fp32 weights in place.
+  deepspeed/runtime/zero/stage_1_and_2.py) and so does stage 3 (``_create_fp32_partitions`` skips the copy only
+  when the partition's ``torch.device`` equals the accelerator's device *name*, a string, which is never true);
+  stage 0 steps the fp32 weights in place.
 - Adam moments (``optimizer_states``): two fp32 tensors of the same size, allocated up front
   (DeepSpeed initializes them before the first step), stepped by ``torch.optim.AdamW(fused=True)``,
   which like DeepSpeed's fused Adam makes no temporaries.
@@ -501,8 +503,8 @@ class _RankStates:
     # Which DeepSpeed buffers exist ---------------------------------------------------------
     @property
     def keeps_master_copy(self) -> bool:
-        """An fp32 copy of the partition: mixed precision always; fp32 only in the stage-1/2 optimizer."""
-        return self.mixed or self.stage in (1, 2)
+        """An fp32 copy of the partition: mixed precision always; fp32 in every ZeRO optimizer (stages 1-3)."""
+        return self.mixed or self.stage >= 1
 
     @property
     def partitions_grads(self) -> bool:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -76,12 +77,17 @@ def test_lora_freezes_the_base_no_gradients_or_optimizer_state_for_it():
     assert lora["optimizer_states"] == 12 * LORA_MIXTRAL
 
 
-def test_fp32_keeps_a_master_copy_only_in_the_stage_1_2_optimizer():
+def test_fp32_keeps_a_master_copy_in_every_zero_optimizer_but_not_without_zero():
     stage1 = estimate(full(precision="fp32", zero_stage=1)).per_gpu
     assert stage1["weights"] == 4 * P_MIXTRAL
     assert stage1["optimizer_states"] == 12 * (P_MIXTRAL // 8)  # single_partition_of_fp32_groups clones it
+    # stage 3 clones too: its no-copy branch compares torch.device("cpu") with "cpu", which is False (measured on
+    # the real engine: an fp32 clone of the partition, issue 14)
+    assert torch.zeros(1).device != "cpu"
     stage3 = estimate(full(precision="fp32", zero_stage=3)).per_gpu
-    assert stage3["optimizer_states"] == 8 * (P_MIXTRAL // 8)  # m and v only: it steps its fp32 partition in place
+    assert stage3["optimizer_states"] == 12 * (P_MIXTRAL // 8)
+    stage0 = estimate(full(precision="fp32", zero_stage=0)).per_gpu
+    assert stage0["optimizer_states"] == 8 * P_MIXTRAL  # m and v only: the plain optimizer steps the weights
 
 
 def test_qlora_quantizes_only_the_linear_layers():
