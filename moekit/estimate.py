@@ -193,7 +193,11 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
     # ZeRO-3 steps its partition in sub-groups of sub_group_size elements, one at a time.
     stepped = min(owned, SUB_GROUP_ELEMENTS) if stage == 3 else owned
     flattened = width * stepped if stage != 2 else 0
-    if mixed:
+    if mixed and stage == 0:
+        # DeepSpeed's FP16_Optimizer (bf16 too) upcasts every gradient to fp32 and then concatenates them:
+        # _flatten_dense_tensors([p.grad.to(fp32) ...]) holds 4 + 4 bytes per element at once
+        step_temporary = 8 * stepped
+    elif mixed:
         step_temporary = 4 * stepped + flattened
     else:
         step_temporary = flattened if stage in (1, 3) else 0

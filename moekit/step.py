@@ -40,8 +40,9 @@ parameters get gradients and optimizer state; stage 0 is modeled like stage 1 wi
   forward (as from the second micro-batch on).
 - fp32 gradient for the optimizer step (``temporaries``): made right before the step and freed after
   it, as DeepSpeed makes it: ZeRO-2 upcasts its pre-flattened gradient partition (4 bytes per owned
-  element); ZeRO-0/1 first flatten the rank's slices of the 16-bit gradients into a new buffer, then
-  upcast (2 + 4 bytes, briefly); ZeRO-3 does that one optimizer sub-group at a time (DeepSpeed's
+  element); ZeRO-1 first flattens the rank's slices of the 16-bit gradients into a new buffer, then
+  upcasts (2 + 4 bytes, briefly); ZeRO-0 (DeepSpeed's FP16_Optimizer) upcasts every gradient, then
+  concatenates the fp32 copies (4 + 4 bytes); ZeRO-3 does that one optimizer sub-group at a time (DeepSpeed's
   ``sub_group_size``, ``SUB_GROUP_ELEMENTS``), each sub-group with its own fp32 master and moments.
 - Communication buckets (``buffers``): ZeRO-1/2 allocate two reduce buckets of
   ``REDUCE_BUCKET_ELEMENTS`` in the working dtype at the first gradient and free them after backward
@@ -662,6 +663,13 @@ class _RankStates:
 
     def _fp32_grad(self, start: int, size: int) -> torch.Tensor:
         """The fp32 gradient of one optimizer group, made the way DeepSpeed makes it (temporaries)."""
+        if self.stage == 0:  # FP16_Optimizer: _flatten_dense_tensors([p.grad.to(fp32) for p in group])
+            pieces = [param.grad.to(torch.float32) for param in self.trainable]
+            for piece in pieces:
+                self.tracker.label(piece, "temporaries")
+            grad = torch.cat([piece.view(-1) for piece in pieces])
+            self.tracker.label(grad, "temporaries")
+            return grad
         if self.stage == 2:
             flat = self.grad_partition  # the contiguous partition is pre-flattened: no copy
         elif self.stage == 3:
