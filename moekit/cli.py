@@ -483,6 +483,12 @@ def _add_measure(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=None, help="measure the model truncated to this many decoder layers")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cuda if available)")
     p.add_argument("--snapshot", default=None, help="CUDA: write an allocator snapshot here (open it in pytorch.org/memory_viz)")
+    p.add_argument(
+        "--engine", choices=("harness", "deepspeed"), default="harness",
+        help="harness: moekit's one-process step (per category, --layers, --snapshot); deepspeed: the real DeepSpeed "
+        "engine on --gpus ranks (CPU processes here), each rank's peak per phase beside the estimate (default: %(default)s)",
+    )
+    p.add_argument("--steps", type=int, default=2, help="--engine deepspeed: optimizer steps to run (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_run_measure)
 
@@ -491,6 +497,9 @@ def _run_measure(args: argparse.Namespace) -> None:
     from moekit.profile import measure_step
 
     setup = setup_from_args(args)
+    if args.engine == "deepspeed":
+        _run_measure_engine(setup, args)
+        return
     result = measure_step(setup, num_layers=args.layers, device=args.device, snapshot_path=args.snapshot)
     breakdown = result.breakdown
     if args.json:
@@ -506,6 +515,22 @@ def _run_measure(args: argparse.Namespace) -> None:
     print(f"{'saved for backward':<18}{result.saved_for_backward_bytes / 2**30:>14.2f}")
     if result.snapshot_path is not None:
         print(f"allocator snapshot: {result.snapshot_path} (drop it on https://pytorch.org/memory_viz)")
+
+
+def _run_measure_engine(setup, args: argparse.Namespace) -> None:
+    from moekit.measure_engine import measure_engine
+
+    if args.layers is not None or args.snapshot is not None or args.device is not None:
+        raise MoekitError("--engine deepspeed runs the whole model on every rank's own device; drop --layers, --snapshot "
+                          "and --device (or use --engine harness).")
+    result = measure_engine(setup, steps=args.steps, progress=not args.json)
+    if args.json:
+        print_json({"ranks": [{"rank": r.rank, "phase_peak_bytes": r.phase_peak_bytes, "cuda": r.cuda,
+                               **r.breakdown.as_dict()} for r in result.ranks],
+                    "estimate": result.estimate.as_dict(), "estimate_compared_bytes": result.estimate_bytes,
+                    "errors": [result.error(r.rank) for r in result.ranks]})
+        return
+    print(result.table())
 
 
 # --------------------------------------------------------------------------------------------

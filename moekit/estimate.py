@@ -253,16 +253,21 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
     weights = _base_weight_bytes(setup, facts) + adapters * width
     owned = _partition(num_trainable, n) if stage >= 1 else num_trainable
     gradients = width * (_partition(num_trainable, n) if stage >= 2 else num_trainable)
-    # fp32 master weights exist under mixed precision, and under fp32 too in the stage-1/2 optimizer,
-    # which clones its partition (single_partition_of_fp32_groups); Adam's m and v always.
-    master = 4 * owned if (mixed or stage in (1, 2)) else 0
+    # fp32 master weights exist under mixed precision, and under fp32 too in every ZeRO optimizer: stage 1/2
+    # clone their partition (single_partition_of_fp32_groups), stage 3 too (_create_fp32_partitions compares a
+    # torch.device with the accelerator's device name, a string, so its no-copy branch never runs); m and v always.
+    master = 4 * owned if (mixed or stage >= 1) else 0
     optimizer = master + 8 * owned
     # The optimizer step's fp32 gradient of the partition; except under ZeRO-2 (whose gradient partition
     # is already one flat buffer) it is first flattened in the working dtype, then upcast.
     # ZeRO-3 steps its partition in sub-groups of sub_group_size elements, one at a time.
     stepped = min(owned, SUB_GROUP_ELEMENTS) if stage == 3 else owned
     flattened = width * stepped if stage != 2 else 0
-    if mixed:
+    if mixed and stage == 0:
+        # DeepSpeed's FP16_Optimizer (bf16 too) upcasts every gradient to fp32 and then concatenates them:
+        # _flatten_dense_tensors([p.grad.to(fp32) ...]) holds 4 + 4 bytes per element at once
+        step_temporary = 8 * stepped
+    elif mixed:
         step_temporary = 4 * stepped + flattened
     else:
         step_temporary = flattened if stage in (1, 3) else 0
@@ -594,7 +599,7 @@ def layer_bytes(setup: TrainingSetup, layer: LayerArch) -> int:
     tokens = setup.micro_batch * setup.seq_len
     total = tokens * layer_bytes_per_token(setup, layer)
     if layer.moe:
-        total += lora_merged_expert_bytes(setup)
+        total += lora_merged_expert_bytes(setup) + zero3_kept_expert_bytes(setup)
     if a.sinks:
         total += sink_attention_bytes(setup)
     elif _uses_math_sdpa(a, setup.attn_implementation):
@@ -606,14 +611,36 @@ def layer_bytes(setup: TrainingSetup, layer: LayerArch) -> int:
     return total
 
 
+def zero3_kept_expert_bytes(setup: TrainingSetup) -> int:
+    """Under ZeRO-3, the gathered fused expert weights one layer's forward leaves alive until its backward.
+
+    transformers' grouped expert matmul passes ``weight.transpose(-2, -1)``, a view, and autograd saves it for
+    the input's gradient. DeepSpeed releases a gathered parameter by pointing ``param.data`` at an empty tensor
+    (``free_param``), which cannot free a storage that a saved view still holds; its own ZeRO-3 linear saves the
+    parameter itself and re-gathers it for backward, so only the experts stay. With LoRA on the experts the
+    matmul sees peft's merged copy instead (``lora_merged_expert_bytes``), and under checkpointing forward saves
+    nothing.
+    """
+    if setup.zero_stage != 3 or setup.activation_checkpointing:
+        return 0
+    if trainability(setup.model, setup.method, setup.lora).experts_lora:
+        return 0
+    return _width(setup) * model_facts(setup.model).num_expert_params_per_layer
+
+
 def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
-    """Logits (returned in 16-bit, log-softmax kept in fp32), final norm and lm_head input when they train."""
+    """The loss's fp32 log-softmax, final norm and lm_head input when they train.
+
+    The 16-bit logits are not kept: training loops hold only the loss (``loss = engine(**batch).loss``
+    in moekit.train, the HF Trainer, XTuner), so the model's output, logits included, is freed before
+    backward, and the log-softmax saves its own fp32 output.
+    """
     f = model_facts(setup.model)
     a = f.arch
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     rotary_tables = (8 if a.rotary_complex else w) * a.rotary_table_width  # cos and sin, shared by every layer
-    total = w * f.vocab + 4 * f.vocab + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN
+    total = 4 * f.vocab + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN  # 4 = fp32 log-softmax output
     if t.full:
         # final norm (input copy + normalized) and lm_head's input; with frozen embeddings the first
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
@@ -667,7 +694,11 @@ def activation_bytes(setup: TrainingSetup, num_layers: int) -> tuple[int, int]:
     if setup.activation_checkpointing:
         kept_inputs = num_layers * tokens * _width(setup) * f.hidden + eager_mask_bytes(setup, f)
         return kept_inputs + outside, max(per_kind.values())
-    return sum(count * per_kind[layer] for layer, count in counts.items()) + outside, 0
+    # layers whose experts ZeRO-3 keeps gathered anyway hold no extra copy for the saved view
+    kept_expert_bytes = zero3_kept_expert_bytes(setup)
+    already_gathered = min(num_layers, zero3_layers_with_experts_gathered(setup)) if kept_expert_bytes else 0
+    layers = sum(count * per_kind[layer] for layer, count in counts.items())
+    return layers - already_gathered * kept_expert_bytes + outside, 0
 
 
 def eager_mask_bytes(setup: TrainingSetup, f: ModelFacts) -> int:
@@ -684,6 +715,51 @@ def eager_mask_bytes(setup: TrainingSetup, f: ModelFacts) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+#: DeepSpeed's ``stage3_max_reuse_distance`` default (deepspeed/runtime/zero/config.py), in elements.
+STAGE3_MAX_REUSE_DISTANCE_ELEMENTS = 1_000_000_000
+
+
+def zero3_kept_gathered_params(setup: TrainingSetup) -> int:
+    """Parameters ZeRO-3 still holds gathered at the start of backward because it will use them again soon.
+
+    Once the first step has recorded the module trace, DeepSpeed releases a module after use only if it does not
+    come back within ``stage3_max_reuse_distance`` parameters of the trace (``__params_to_release`` in
+    partitioned_param_coordinator.py). A module's forward use comes back in its backward: in between, the trace
+    runs every later module forward and then backward (twice their parameters), and with checkpointing also
+    recomputes each later layer (three times). So lm_head and the modules nearest it stay gathered: a whole
+    small model, lm_head and the last layer's experts of Mixtral 8x7B.
+    """
+    return sum(params for _, params in _zero3_kept_modules(setup))
+
+
+def zero3_layers_with_experts_gathered(setup: TrainingSetup) -> int:
+    """Layers whose MoE block ZeRO-3 keeps gathered from forward to backward (see zero3_kept_gathered_params)."""
+    return sum(1 for kind, _ in _zero3_kept_modules(setup) if kind == "moe block")
+
+
+def _zero3_kept_modules(setup: TrainingSetup) -> list[tuple[str, int]]:
+    """(kind, parameters) of the modules in backward order whose backward comes within the reuse distance."""
+    f = model_facts(setup.model)
+    layer = dict(_typical_layer(f).num_params_by_component)
+    num_layers = f.num_layers
+    adapters_per_layer = num_trainable_params(setup) // num_layers if setup.uses_lora else 0
+    moe_block = layer.get("experts", 0) + layer.get("router", 0) + layer.get("shared_experts", 0) + layer.get("mlp", 0)
+    rest_of_layer = sum(layer.values()) - moe_block + adapters_per_layer
+    outside, embeddings, lm_head = _outside_counts(setup.model)
+    final_norm = outside - embeddings - lm_head
+    backward_order = [("lm_head and final norm", lm_head + final_norm)]
+    backward_order += [("moe block", moe_block), ("attention and norms", rest_of_layer)] * num_layers
+    backward_order.append(("embeddings", embeddings))
+    uses_between = 3 if setup.activation_checkpointing else 2
+    kept, later = [], 0
+    for kind, params in backward_order:
+        if uses_between * later >= STAGE3_MAX_REUSE_DISTANCE_ELEMENTS:
+            break
+        kept.append((kind, params))
+        later += params
+    return kept
+
+
 def buffer_bytes(setup: TrainingSetup) -> int:
     """DeepSpeed's gradient-reduction buckets, and under ZeRO-3 the module gathered for compute.
 
@@ -698,7 +774,8 @@ def buffer_bytes(setup: TrainingSetup) -> int:
     if setup.zero_stage == 3:
         f = model_facts(setup.model)
         prefetched = min(STAGE3_PREFETCH_BUCKET_ELEMENTS, f.second_largest_module_params)
-        return width * (REDUCE_BUCKET_ELEMENTS + f.largest_module_params + prefetched)
+        gathered = max(f.largest_module_params + prefetched, zero3_kept_gathered_params(setup))
+        return width * (REDUCE_BUCKET_ELEMENTS + gathered)
     return 0
 
 
@@ -729,11 +806,11 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     states = model_states(setup, f, num_trainable)
     activations, recomputed = activation_bytes(setup, f.num_layers)
     tokens = setup.micro_batch * setup.seq_len
+    width = 4 if setup.precision == "fp32" else 2
     # Backward starts with the fp32 gradients of the log-softmax and of the logits; with checkpointing
     # a recomputed layer comes later, once those are gone: the larger of the two is the temporary.
     backward_temporary = max(tokens * f.vocab * 8, recomputed)
     if setup.method == "full" and setup.zero_stage >= 2:
-        width = 4 if setup.precision == "fp32" else 2
         whole_gradient = width * f.largest_param_per_layer + RECOMPUTED_SHARE_AT_EXPERT_GRADIENT * recomputed
         backward_temporary = max(backward_temporary, int(whole_gradient))
     buffers = buffer_bytes(setup)
@@ -744,10 +821,18 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     # ZeRO-1/2 allocate their reduce buckets at the first gradient, after the loss's own backward has
     # freed the fp32 log-softmax; ZeRO-3's bucket and gathered module are there throughout.
     persistent_buffers = buffers if setup.zero_stage == 3 else 0
-    backward_start = weights_and_optimizer + early_gradients + activations + backward_temporary + persistent_buffers
+    # ZeRO-1 with accumulation holds its buckets from the first micro-batch's backward to the boundary: it
+    # reduces only at the boundary (engine.allreduce_gradients), so nothing calls the epilogue that frees them
+    # (stage_1_and_2: setup_buckets allocates once per ready_for_gradients, _release_ipg_buffers resets it).
+    held_buffers = buffers if (setup.zero_stage == 1 and setup.grad_accum > 1) else persistent_buffers
+    backward_start = weights_and_optimizer + early_gradients + activations + backward_temporary + held_buffers
     # Under LoRA the first gradient comes from inside the last layer, after its recomputation.
     recomputed_then = recomputed if setup.uses_lora else 0
-    first_gradient = weights_and_optimizer + early_gradients + activations - tokens * f.vocab * 4 + recomputed_then + buffers
+    # The loss's backward has freed the fp32 log-softmax; a full fine-tune's first gradient (lm_head's) comes
+    # while the 16-bit gradient of the logits is alive.
+    logits_gradient = tokens * f.vocab * width if setup.method == "full" else 0
+    first_gradient = (weights_and_optimizer + early_gradients + activations - tokens * f.vocab * 4 + logits_gradient
+                      + recomputed_then + buffers)
     step = weights_and_optimizer + states.gradients_bytes + states.step_temporary_bytes + persistent_buffers
     allocated = max(backward_start, first_gradient, step)
     temporaries = states.step_temporary_bytes if allocated == step and step > backward_start else backward_temporary

@@ -26,7 +26,9 @@ parameters get gradients and optimizer state; stage 0 is modeled like stage 1 wi
   flat buffer to a multiple of 2N elements), ``sum(ceil(numel/N))`` for stage 3 (in sub-groups, see
   below). Under fp32 precision
   DeepSpeed's stage-1/2 optimizer still clones the partition (``single_partition_of_fp32_groups``,
-  deepspeed/runtime/zero/stage_1_and_2.py); stage 0 and stage 3 step the fp32 weights in place.
+  deepspeed/runtime/zero/stage_1_and_2.py) and so does stage 3 (``_create_fp32_partitions`` skips the copy only
+  when the partition's ``torch.device`` equals the accelerator's device *name*, a string, which is never true);
+  stage 0 steps the fp32 weights in place.
 - Adam moments (``optimizer_states``): two fp32 tensors of the same size, allocated up front
   (DeepSpeed initializes them before the first step), stepped by ``torch.optim.AdamW(fused=True)``,
   which like DeepSpeed's fused Adam makes no temporaries.
@@ -38,12 +40,16 @@ parameters get gradients and optimizer state; stage 0 is modeled like stage 1 wi
   forward (as from the second micro-batch on).
 - fp32 gradient for the optimizer step (``temporaries``): made right before the step and freed after
   it, as DeepSpeed makes it: ZeRO-2 upcasts its pre-flattened gradient partition (4 bytes per owned
-  element); ZeRO-0/1 first flatten the rank's slices of the 16-bit gradients into a new buffer, then
-  upcast (2 + 4 bytes, briefly); ZeRO-3 does that one optimizer sub-group at a time (DeepSpeed's
+  element); ZeRO-1 first flattens the rank's slices of the 16-bit gradients into a new buffer, then
+  upcasts (2 + 4 bytes, briefly); ZeRO-0 (DeepSpeed's FP16_Optimizer) upcasts every gradient, then
+  concatenates the fp32 copies (4 + 4 bytes); ZeRO-3 does that one optimizer sub-group at a time (DeepSpeed's
   ``sub_group_size``, ``SUB_GROUP_ELEMENTS``), each sub-group with its own fp32 master and moments.
 - Communication buckets (``buffers``): ZeRO-1/2 allocate two reduce buckets of
   ``REDUCE_BUCKET_ELEMENTS`` in the working dtype at the first gradient and free them after backward
   (contiguous_gradients with overlap_comm, as XTuner's presets set); ZeRO-3 keeps one for the run.
+  ZeRO-1 with accumulation > 1 reduces only at the accumulation boundary, and only that boundary's
+  epilogue frees the buckets (``setup_buckets`` / ``_release_ipg_buffers`` in stage_1_and_2.py), so they
+  exist before the forward (as from the second micro-batch on).
 - Offload: what DeepSpeed moves to the host (fp32 master, moments, fp32 gradient partition; with
   "optimizer+params" also the 16-bit weight partitions) is not allocated on the device at all; its
   exact size goes to ``per_host`` (summed over the ranks of one node). Stage 2/3 gradients then go
@@ -54,10 +60,10 @@ sequence per row, so ``packing`` does not change the bytes of a step.
 
 Categories: ``weights`` = MemTracker's Parameter bytes; ``gradients`` = gradient bytes at the end of
 backward; ``optimizer_states`` = optimizer-state bytes; ``activations`` = MemTracker's Activation bytes
-at the end of forward (logits and loss included); ``buffers`` = module buffers, buckets and gathered
-ZeRO-3 parameters at the peak; ``temporaries`` = what the peak holds beyond all of those (0 when the
-peak comes after activations were freed); ``total`` = the peak of the step, so the categories need
-not add up to it. ``StepRecord.phases`` has every category at each phase and phase peak. Not
+at the end of forward (the loss and what it saves included; the logits are freed with the output);
+``buffers`` = module buffers, buckets and gathered ZeRO-3 parameters at the peak; ``temporaries`` = what
+the peak holds beyond all of those (0 when the peak comes after activations were freed); ``total`` = the
+peak of the step, so the categories need not add up to it. ``StepRecord.phases`` has every category at each phase and phase peak. Not
 modeled: fp16 loss-scaling scratch, gradient clipping's norm buffers (a few bytes per tensor),
 ZeRO-3 prefetching beyond the unit being computed.
 """
@@ -77,6 +83,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from moekit.arch import is_moe_block
 from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
+from moekit.estimate import STAGE3_MAX_REUSE_DISTANCE_ELEMENTS
 from moekit.models import as_config, build_model, config_with_layers, default_dtype
 from moekit.training_setup import TrainingSetup
 
@@ -315,12 +322,13 @@ def zero3_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 class _Zero3Gatherer:
     """Empties every parameter and gathers a unit's parameters only while the unit computes."""
 
-    def __init__(self, model: torch.nn.Module, tracker: _Tracker) -> None:
+    def __init__(self, model: torch.nn.Module, tracker: _Tracker, *, checkpointing: bool = False) -> None:
         self.tracker = tracker
         self.units = zero3_units(model)
         self.shapes: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.values: WeakIdKeyDictionary = WeakIdKeyDictionary()  # real runs: the other ranks' shards
         self.live: list[torch.nn.Module] = []
+        self.kept_views: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> saved views of its gathered storage
         self.owner_of_storage: WeakIdKeyDictionary = WeakIdKeyDictionary()  # gathered storage -> param
         self.gathered_bytes = 0
         self.max_gathered_bytes = 0
@@ -331,6 +339,15 @@ class _Zero3Gatherer:
                 if not self.fake:  # kept in host RAM, out of the tracked device's way
                     self.values[param] = param.detach().to("cpu", copy=True)
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        # DeepSpeed keeps a module gathered after its forward when its backward comes within
+        # stage3_max_reuse_distance parameters of trace (moekit.estimate.zero3_kept_gathered_params).
+        self.waiting_for_backward: list[torch.nn.Module] = []
+        self.kept_after_forward: set[int] = set()
+        later, uses_between = 0, 3 if checkpointing else 2
+        for unit in reversed(self.units):
+            if uses_between * later < STAGE3_MAX_REUSE_DISTANCE_ELEMENTS:
+                self.kept_after_forward.add(id(unit))
+            later += sum(math.prod(self.shapes[p]) for p in unit.parameters())
         self.handles = []
         for unit in self.units:
             self.handles.append(unit.register_forward_pre_hook(lambda m, args: self.gather(m)))
@@ -354,28 +371,44 @@ class _Zero3Gatherer:
             self.gathered_bytes += full.numel() * full.element_size()
             self.max_gathered_bytes = max(self.max_gathered_bytes, self.gathered_bytes)
 
+    def keep_view(self, param: torch.Tensor, view: torch.Tensor) -> None:
+        """A saved view of a gathered parameter: its storage becomes an activation when the parameter is released."""
+        self.kept_views.setdefault(param, []).append(view)
+
     def release(self, unit: torch.nn.Module) -> None:
         for param in unit.parameters():
             if param in self.shapes and param.numel():
                 self.gathered_bytes -= param.numel() * param.element_size()
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            for view in self.kept_views.pop(param, []):
+                self.tracker.label(view, "activations")
         if unit in self.live:
             self.live.remove(unit)
 
     def release_after_forward(self, unit: torch.nn.Module) -> None:
-        """Release after forward, except in a checkpoint's recomputation inside backward: autograd checks
-        the recomputed tensors against the forward's, so the layer stays gathered until its backward."""
-        if torch._C._current_graph_task_id() == -1:
-            self.release(unit)
+        """Release after forward, except in a checkpoint's recomputation inside backward (autograd checks
+        the recomputed tensors against the forward's, so the layer stays gathered until its backward) and
+        for the units DeepSpeed keeps because their backward comes soon."""
+        if torch._C._current_graph_task_id() != -1:
+            return
+        if id(unit) in self.kept_after_forward:
+            if unit not in self.waiting_for_backward:
+                self.waiting_for_backward.append(unit)
+            return
+        self.release(unit)
 
     def gather_for_backward(self, unit: torch.nn.Module) -> None:
-        """Backward visits units in reverse: the unit finished before this one is released first."""
+        """Backward visits units in reverse: the unit finished before this one is released first (units kept
+        for their own backward stay)."""
+        if unit in self.waiting_for_backward:
+            self.waiting_for_backward.remove(unit)
         for other in list(self.live):
-            if other is not unit:
+            if other is not unit and other not in self.waiting_for_backward:
                 self.release(other)
         self.gather(unit)
 
     def release_all(self) -> None:
+        self.waiting_for_backward.clear()
         for unit in list(self.live):
             self.release(unit)
         for handle in self.handles:
@@ -419,7 +452,15 @@ class _SavedTensors:
         param = self._param_sharing_storage(tensor)
         if param is not None:
             if self.zero3 is not None and param in self.zero3.shapes:
-                return ("zero3", param, tensor.size(), tensor.stride(), tensor.storage_offset())
+                if len(self.zero3.shapes[param]) != 3:
+                    return ("zero3", param, tensor.size(), tensor.stride(), tensor.storage_offset())
+                # Fused 3-D experts reach autograd as a transposed view (transformers' grouped matmul), not through
+                # DeepSpeed's ZeRO-3 linear: the view keeps the gathered storage alive until backward.
+                self.zero3.keep_view(param, tensor)
+                storage = tensor.untyped_storage()
+                if storage not in self.seen:
+                    self.seen[storage] = True
+                    self.num_bytes += storage.nbytes()
             return tensor
         storage = tensor.untyped_storage()
         if storage not in self.seen:
@@ -464,8 +505,8 @@ class _RankStates:
     # Which DeepSpeed buffers exist ---------------------------------------------------------
     @property
     def keeps_master_copy(self) -> bool:
-        """An fp32 copy of the partition: mixed precision always; fp32 only in the stage-1/2 optimizer."""
-        return self.mixed or self.stage in (1, 2)
+        """An fp32 copy of the partition: mixed precision always; fp32 in every ZeRO optimizer (stages 1-3)."""
+        return self.mixed or self.stage >= 1
 
     @property
     def partitions_grads(self) -> bool:
@@ -527,11 +568,13 @@ class _RankStates:
                     self.tracker.label(param.grad, "gradients")
             elif self.stage == 2 and not self.offload:
                 self.grad_partition = self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
+            if self.stage == 1:  # ZeRO-1 frees its buckets only at the accumulation boundary (see the docstring)
+                self.buckets = [self._new(REDUCE_BUCKET_ELEMENTS, self.dtype, "buffers") for _ in range(2)]
         if self.stage != 3:
             return None
         self.grad_partition = None if self.offload else self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
         self.buckets = [self._new(REDUCE_BUCKET_ELEMENTS, self.dtype, "buffers")]
-        return _Zero3Gatherer(model, self.tracker)
+        return _Zero3Gatherer(model, self.tracker, checkpointing=self.setup.activation_checkpointing)
 
     def _new(self, numel: int, dtype: torch.dtype, category: str, *, zeros: bool = False, keep: bool = False) -> torch.Tensor:
         tensor = (torch.zeros if zeros else torch.empty)(numel, dtype=dtype, device=self.device)
@@ -621,6 +664,13 @@ class _RankStates:
 
     def _fp32_grad(self, start: int, size: int) -> torch.Tensor:
         """The fp32 gradient of one optimizer group, made the way DeepSpeed makes it (temporaries)."""
+        if self.stage == 0:  # FP16_Optimizer: _flatten_dense_tensors([p.grad.to(fp32) for p in group])
+            pieces = [param.grad.to(torch.float32) for param in self.trainable]
+            for piece in pieces:
+                self.tracker.label(piece, "temporaries")
+            grad = torch.cat([piece.view(-1) for piece in pieces])
+            self.tracker.label(grad, "temporaries")
+            return grad
         if self.stage == 2:
             flat = self.grad_partition  # the contiguous partition is pre-flattened: no copy
         elif self.stage == 3:
@@ -747,8 +797,9 @@ def run_step(
             notify("model")
             tracker.reset_peak()
             with saved.hooks():
-                output = model(input_ids=input_ids, labels=input_ids, use_cache=False)
-            loss = output.loss
+                # Like moekit.train, the HF Trainer and XTuner: only the loss is kept, so the model's output
+                # (and its 16-bit logits) is freed before backward.
+                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
             phases["forward"] = tracker.categories()
             phases["forward_peak"] = tracker.categories("peak")
             notify("forward")
@@ -761,7 +812,7 @@ def run_step(
             phases["backward"] = tracker.categories()
             phases["backward_peak"] = tracker.categories("peak")
             notify("backward")
-            del loss, output
+            del loss
             bar.stage("optimizer step")
             tracker.reset_peak()
             states.step()

@@ -3,11 +3,20 @@
 import json
 
 import pytest
+import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from moekit.cli import main
-from moekit.estimate import estimate, layer_bytes_per_token, model_facts, num_trainable_params
+from moekit.estimate import (
+    estimate,
+    layer_bytes_per_token,
+    model_facts,
+    num_trainable_params,
+    zero3_kept_gathered_params,
+    zero3_layers_with_experts_gathered,
+)
+from moekit.models import parameter_census
 from moekit.training_setup import LoraSpec, TrainingSetup
 
 P_MIXTRAL = 46_702_792_704
@@ -68,12 +77,17 @@ def test_lora_freezes_the_base_no_gradients_or_optimizer_state_for_it():
     assert lora["optimizer_states"] == 12 * LORA_MIXTRAL
 
 
-def test_fp32_keeps_a_master_copy_only_in_the_stage_1_2_optimizer():
+def test_fp32_keeps_a_master_copy_in_every_zero_optimizer_but_not_without_zero():
     stage1 = estimate(full(precision="fp32", zero_stage=1)).per_gpu
     assert stage1["weights"] == 4 * P_MIXTRAL
     assert stage1["optimizer_states"] == 12 * (P_MIXTRAL // 8)  # single_partition_of_fp32_groups clones it
+    # stage 3 clones too: its no-copy branch compares torch.device("cpu") with "cpu", which is False (measured on
+    # the real engine: an fp32 clone of the partition, issue 14)
+    assert torch.zeros(1).device != "cpu"
     stage3 = estimate(full(precision="fp32", zero_stage=3)).per_gpu
-    assert stage3["optimizer_states"] == 8 * (P_MIXTRAL // 8)  # m and v only: it steps its fp32 partition in place
+    assert stage3["optimizer_states"] == 12 * (P_MIXTRAL // 8)
+    stage0 = estimate(full(precision="fp32", zero_stage=0)).per_gpu
+    assert stage0["optimizer_states"] == 8 * P_MIXTRAL  # m and v only: the plain optimizer steps the weights
 
 
 def test_qlora_quantizes_only_the_linear_layers():
@@ -151,3 +165,13 @@ def test_nvme_offload_moves_the_offloaded_states_from_host_ram_to_disk():
     on_disk_gib = sum(cpu_breakdown.per_host.values()) / 2**30
     assert nvme_breakdown.notes["nvme"].startswith(f"{on_disk_gib:.1f} GiB per node (gradients, optimizer_states, weights) on NVMe")
     assert "/local/nvme" in nvme_breakdown.table() and nvme_breakdown.as_dict()["notes"] == nvme_breakdown.notes
+
+
+def test_zero3_keeps_gathered_what_it_reuses_within_a_billion_parameters_of_trace():
+    mixtral = TrainingSetup(model="mixtral-8x7b", method="full", zero_stage=3)
+    # lm_head (131,072,000), the final norm (4,096) and the last layer's MoE block (experts 1,409,286,144 +
+    # router 32,768); its attention's backward is 2 x 1.54e9 parameters of trace away
+    assert zero3_kept_gathered_params(mixtral) == 131_072_000 + 4_096 + 1_409_286_144 + 32_768
+    assert zero3_layers_with_experts_gathered(mixtral) == 1
+    small = TrainingSetup(model="small", method="full", zero_stage=3)
+    assert zero3_kept_gathered_params(small) == parameter_census("small").num_params  # the whole model

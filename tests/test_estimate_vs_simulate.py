@@ -24,6 +24,7 @@ SMALL_GRID = [
     TrainingSetup(model="small", method="full", precision="fp32", seq_len=1024, zero_stage=2, gpus_per_node=2),
     TrainingSetup(model="small", method="full", seq_len=2048, zero_stage=3, offload="optimizer+params", gpus_per_node=2),
     TrainingSetup(model="tiny", method="lora", seq_len=2048, zero_stage=1, gpus_per_node=2, activation_checkpointing=True),
+    TrainingSetup(model="small", method="full", seq_len=2048, zero_stage=1, gpus_per_node=2, grad_accum=2),
 ]
 
 

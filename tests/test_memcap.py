@@ -1,8 +1,10 @@
 """The teaching memory cap: a real step that breaks a budget, and the same step passing after a mitigation.
 
 The step is the ``small`` preset, full fine-tuning on one GPU (no ZeRO), bf16, 4096 tokens. Its peak
-above the subprocess's baseline, measured on this CPU: about 995 MiB without activation checkpointing,
-about 805 MiB with it (LoRA instead: about 845 MiB). A 900 MiB budget sits between them.
+above the subprocess's baseline, measured on this CPU: above 900 MiB without activation checkpointing,
+about 765 MiB with it (LoRA instead: about 780 MiB); the estimate (allocated tensors, no CUDA context) says
+878 / 635 / 686 MiB. An 850 MiB budget sits between them. (It was 900 MiB until the step, like real training
+loops, freed the model's output, and with it 64 MiB of logits, before backward: issue 14.)
 """
 
 import re
@@ -16,7 +18,7 @@ from moekit.plan import ladder
 from moekit.training_setup import TrainingSetup
 
 MiB = 2**20
-BUDGET_BYTES = 900 * MiB
+BUDGET_BYTES = 850 * MiB
 BASELINE = TrainingSetup(
     model="small", method="full", seq_len=4096, gpus_per_node=1, zero_stage=0, activation_checkpointing=False,
     gpu_memory_gb=BUDGET_BYTES / 2**30,  # the "card" is the budget
@@ -32,7 +34,7 @@ def test_capped_step_fails_with_a_message_naming_budget_and_peak(failed):
     assert not failed.passed
     assert failed.peak_bytes > BUDGET_BYTES
     assert failed.error.startswith(
-        f"out of memory: this step needs at least {failed.peak_bytes / MiB:,.0f} MiB but the budget is 900 MiB ("
+        f"out of memory: this step needs at least {failed.peak_bytes / MiB:,.0f} MiB but the budget is 850 MiB ("
     )
     assert "small full bf16" in failed.error and "resident memory passed the budget" in failed.error
     assert re.search(r"stopped during (forward|backward)", failed.error)
@@ -54,7 +56,7 @@ def test_checkpointing_makes_the_same_step_pass_under_the_same_cap(failed, check
     assert mitigated.passed and mitigated.error is None
     assert BUDGET_BYTES // 2 < mitigated.peak_bytes <= BUDGET_BYTES
     assert mitigated.baseline_bytes > 100 * MiB  # Python, torch and transformers are not charged to the budget
-    assert mitigated.summary().startswith(f"passed: peak {mitigated.peak_bytes / MiB:,.0f} MiB of a 900 MiB budget")
+    assert mitigated.summary().startswith(f"passed: peak {mitigated.peak_bytes / MiB:,.0f} MiB of a 850 MiB budget")
     measured = mitigated.breakdown
     assert measured.source == "measure" and measured.total_bytes <= mitigated.peak_bytes
     assert mitigated.raise_if_failed() is mitigated

@@ -98,6 +98,9 @@ def test_gradient_accumulation_holds_gradients_through_the_next_forward(stage):
     trainable = tiny_lora_params()
     expected = 2 * (trainable if stage == 1 else flat_partition(trainable, 3))
     assert record.phases["model"]["gradients"] == record.phases["forward"]["gradients"] == expected
+    # ZeRO-1 reduces only at the accumulation boundary, whose epilogue alone frees the two reduce buckets.
+    held_buckets = 2 * 2 * REDUCE_BUCKET_ELEMENTS if stage == 1 else 0
+    assert record.phases["forward"]["buffers"] == pytest.approx(held_buckets, abs=1024)  # + the model's rotary buffers
 
 
 def test_zero3_partitions_every_parameter_and_gathers_one_unit_at_a_time():
@@ -108,11 +111,11 @@ def test_zero3_partitions_every_parameter_and_gathers_one_unit_at_a_time():
     assert record.breakdown.per_gpu["weights"] == 2 * per_param_partition
     assert record.breakdown.per_gpu["gradients"] == 2 * per_param_partition
     assert record.breakdown.per_gpu["optimizer_states"] == 12 * per_param_partition + STEP_COUNTER_BYTES
-    # Units are gathered at full size only while they compute: the largest (the embedding or lm_head,
-    # 512 x 64 in bf16) at most together with its neighbour, never the whole model.
+    # DeepSpeed keeps a unit gathered after forward when its backward comes within stage3_max_reuse_distance
+    # (1e9) parameters of trace: for a model this small, every unit (measured on the real engine: issue 14).
     gathered = int(record.notes["zero3_max_gathered_bytes"])
-    assert 2 * 512 * 64 <= gathered < 2 * census.num_params // 2
-    assert record.phases["forward"]["buffers"] == record.phases["model"]["buffers"]  # all released after forward
+    assert gathered == 2 * census.num_params
+    assert record.phases["forward"]["buffers"] - record.phases["model"]["buffers"] == 2 * census.num_params
 
 
 def test_offload_moves_optimizer_states_and_gradients_to_the_host():
