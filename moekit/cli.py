@@ -22,8 +22,11 @@ from collections.abc import Callable, Sequence
 from moekit.errors import Interrupted, MoekitError, RunFailure
 from moekit.training_setup import (
     ATTENTIONS,
+    LOAD_PATHS,
+    LOSS_IMPLS,
     METHODS,
     OFFLOADS,
+    OPTIMIZERS,
     PRECISIONS,
     LoraSpec,
     TrainingSetup,
@@ -116,6 +119,14 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpointing", action="store_true", help="recompute activations in backward (activation checkpointing)")
     g.add_argument("--no-packing", action="store_true", help="pad each batch instead of packing sequences to --seq")
     g.add_argument("--attn", choices=ATTENTIONS, default=d.attn_implementation, help="attention implementation (default: %(default)s)")
+    g.add_argument("--router-aux-loss", choices=("on", "off"), default=None,
+                   help="transformers' router load-balancing loss (output_router_logits) (default: the model's config)")
+    g.add_argument("--load-path", choices=LOAD_PATHS, default=d.load_path,
+                   help="how the weights are loaded: auto follows method, ZeRO stage and checkpoint (default: %(default)s)")
+    g.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl,
+                   help="hf: transformers' fp32 logits; chunked/fused linear-cross-entropy (default: %(default)s)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="adamw, bitsandbytes' adamw_8bit or paged_adamw (default: %(default)s)")
 
 
 def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
@@ -138,6 +149,10 @@ def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
         grad_accum=args.grad_accum,
         activation_checkpointing=args.checkpointing,
         packing=not args.no_packing,
+        router_aux_loss=None if args.router_aux_loss is None else args.router_aux_loss == "on",
+        load_path=args.load_path,
+        loss_impl=args.loss_impl,
+        optimizer=args.optimizer,
         attn_implementation=args.attn,
     )
 

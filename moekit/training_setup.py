@@ -23,6 +23,12 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 OFFLOAD_DEVICES = ("cpu", "nvme")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+#: How the weights reach the GPUs (moekit.traps.load_phase); "auto" follows the method, stage and checkpoint.
+LOAD_PATHS = ("auto", "from_pretrained", "zero_init", "4bit", "mxfp4_dequant")
+#: The language-model loss: transformers' (fp32 logits), chunked or fused linear-cross-entropy.
+LOSS_IMPLS = ("hf", "chunked", "fused")
+#: AdamW with fp32 moments, bitsandbytes' 8-bit AdamW, or its paged 32-bit AdamW.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw")
 
 #: GPU memory is given in GB as GPUs are sold; NVIDIA's "40GB" is 40 GiB (40,960 MiB in nvidia-smi).
 BYTES_PER_GB = 2**30
@@ -89,6 +95,11 @@ class TrainingSetup:
     activation_checkpointing: bool = False
     packing: bool = True
     attn_implementation: Attention = "sdpa"
+    #: transformers' router load-balancing loss (output_router_logits); None: what the model's config says.
+    router_aux_loss: bool | None = None
+    load_path: str = "auto"
+    loss_impl: str = "hf"
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         _check_type("model", self.model, str, "a preset name such as 'mixtral-8x7b' or a local folder")
@@ -96,6 +107,10 @@ class TrainingSetup:
         for name in ("activation_checkpointing", "packing"):
             _check_type(name, getattr(self, name), bool, "True or False")
         _check_type("nvme_path", self.nvme_path, (str, type(None)), "a folder path or None")
+        _check_type("router_aux_loss", self.router_aux_loss, (bool, type(None)), "True, False or None (the config's)")
+        _check_choice("load_path", self.load_path, LOAD_PATHS)
+        _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("method", self.method, METHODS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("offload", self.offload, OFFLOADS)
@@ -117,6 +132,17 @@ class TrainingSetup:
             raise SetupError("offload_device='nvme' needs nvme_path (--nvme-path), a folder on a fast local disk.")
         if self.method == "qlora" and self.precision == "fp32":
             raise SetupError("QLoRA computes in 16 bits; use precision='bf16' (or 'fp16').")
+        if self.load_path == "4bit" and self.method != "qlora":
+            raise SetupError("load_path='4bit' loads a QLoRA base; use method='qlora' or another load_path.")
+        if self.method == "qlora" and self.load_path not in ("auto", "4bit"):
+            raise SetupError(f"QLoRA loads its base in 4 bits; use load_path='auto' or '4bit', not '{self.load_path}'.")
+        if self.load_path == "zero_init" and self.zero_stage != 3:
+            raise SetupError("load_path='zero_init' partitions at load, which only ZeRO-3 does; use zero_stage=3.")
+        if self.optimizer != "adamw" and self.offload != "none":
+            raise SetupError(
+                f"optimizer='{self.optimizer}' runs on the GPU; DeepSpeed's offload steps with its own CPU Adam: "
+                "use optimizer='adamw' with offload, or offload='none'."
+            )
         if self.method == "qlora" and self.zero_stage == 3:
             raise SetupError(
                 "QLoRA's 4-bit base weights cannot be partitioned by ZeRO-3 here; use zero_stage<=2."
