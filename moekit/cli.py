@@ -125,6 +125,8 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
                    help="how the weights are loaded: auto follows method, ZeRO stage and checkpoint (default: %(default)s)")
     g.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl,
                    help="hf: transformers' fp32 logits; chunked/fused linear-cross-entropy (default: %(default)s)")
+    g.add_argument("--expandable-segments", action="store_true",
+                   help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: a smaller allocator reserve (CUDA)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                    help="adamw, bitsandbytes' adamw_8bit or paged_adamw (default: %(default)s)")
 
@@ -153,6 +155,7 @@ def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
         load_path=args.load_path,
         loss_impl=args.loss_impl,
         optimizer=args.optimizer,
+        expandable_segments=args.expandable_segments,
         attn_implementation=args.attn,
     )
 
@@ -374,7 +377,16 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    from moekit.plan import ARTICLE_ORDER, OFFLOAD_MITIGATIONS, RANKING, as_json, constraints_from_setup, ladder, plan
+    from moekit.plan import (
+        ARTICLE_ORDER,
+        OFFLOAD_MITIGATIONS,
+        RANKING,
+        as_json,
+        constraints_from_setup,
+        ladder,
+        plan,
+        trap_rungs,
+    )
 
     setup = setup_from_args(args)
     unknown = sorted({kind for kind, _ in args.export} - {"hf", "accelerate"})
@@ -396,9 +408,10 @@ def _run_plan(args: argparse.Namespace) -> None:
         order = [name for name in order if name not in OFFLOAD_MITIGATIONS]
     result = plan(constraints_from_setup(setup, **overrides), top=args.top)
     rungs = ladder(setup, order, min_seq_len=args.min_seq)
+    traps = trap_rungs(rungs[-1].setup)
     exported = _export_plan(result, args.export)
     if args.json:
-        print_json(as_json(result, rungs))
+        print_json(as_json(result, rungs, traps))
         if exported:
             print("\n".join(exported), file=sys.stderr)
         return
@@ -414,6 +427,11 @@ def _run_plan(args: argparse.Namespace) -> None:
             f"{rung.change:<20}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.1f}"
             f"  {'yes ' if rung.fits else 'no  '}  {rung.description}"
         )
+    if traps:
+        print(f"\n{'field traps (each alone, from the last rung)':<44}{'GiB/GPU':>9}{'saved':>9}  change")
+        for rung in traps:
+            print(f"{rung.change:<44}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.2f}"
+                  f"  {rung.description}")
     for line in exported:
         print(line)
 

@@ -58,6 +58,10 @@ SUB_GROUP_ELEMENTS = 1_000_000_000  # ZeRO-3's sub_group_size
 CUDA_CONTEXT_BYTES = 600 * 2**20
 #: The caching allocator reserves more than it hands out (fragmentation); a few % of the peak.
 ALLOCATOR_RESERVE_FRACTION = 0.05
+#: With expandable_segments the allocator maps pages into one growing segment per pool: what it reserves over
+#: the allocated bytes is the rounding to its page sizes (20 MiB large pool + 2 MiB small pool, per the
+#: CUDA caching allocator's kLargeBuffer / kSmallBuffer). Not measured on a GPU here.
+EXPANDABLE_SEGMENTS_RESERVE_BYTES = 22 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -793,8 +797,10 @@ def buffer_bytes(setup: TrainingSetup) -> int:
     return 0
 
 
-def overhead_bytes(peak_allocated_bytes: int) -> int:
+def overhead_bytes(peak_allocated_bytes: int, expandable_segments: bool = False) -> int:
     """CUDA context plus the caching allocator's reserve over the allocated peak."""
+    if expandable_segments:
+        return CUDA_CONTEXT_BYTES + EXPANDABLE_SEGMENTS_RESERVE_BYTES
     return CUDA_CONTEXT_BYTES + int(ALLOCATOR_RESERVE_FRACTION * peak_allocated_bytes)
 
 
@@ -860,7 +866,7 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         "activations": activations,
         "temporaries": temporaries,
         "buffers": buffers,
-        "overhead": overhead_bytes(allocated),
+        "overhead": overhead_bytes(allocated, setup.expandable_segments),
     }
     per_host, notes = host_or_nvme(setup, states.host_bytes)
     notes.update(activation_notes(setup))
@@ -901,7 +907,7 @@ def load_phase_of(setup: TrainingSetup, f: ModelFacts):
 def trap_notes(setup: TrainingSetup, f: ModelFacts, router_loss: int, tokens: int) -> dict[str, str]:
     """The estimate's notes on the field traps: overhead, the loss, the router's loss, optimizer, QLoRA."""
     notes = {
-        "overhead": overhead_note(CUDA_CONTEXT_BYTES, ALLOCATOR_RESERVE_FRACTION),
+        "overhead": overhead_note(CUDA_CONTEXT_BYTES, ALLOCATOR_RESERVE_FRACTION, setup.expandable_segments),
         "loss": loss_note(setup.loss_impl, tokens, f.vocab),
         "router_aux_loss": router_aux_loss_note(setup, router_loss),
         "optimizer": optimizer_note(setup.optimizer),

@@ -100,11 +100,14 @@ class TrainingSetup:
     load_path: str = "auto"
     loss_impl: str = "hf"
     optimizer: str = "adamw"
+    #: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows segments instead of
+    #: reserving new ones, so its reserve over the allocated peak shrinks to page rounding.
+    expandable_segments: bool = False
 
     def __post_init__(self) -> None:
         _check_type("model", self.model, str, "a preset name such as 'mixtral-8x7b' or a local folder")
         _check_type("lora", self.lora, LoraSpec, "LoraSpec(r=16, alpha=32)")
-        for name in ("activation_checkpointing", "packing"):
+        for name in ("activation_checkpointing", "packing", "expandable_segments"):
             _check_type(name, getattr(self, name), bool, "True or False")
         _check_type("nvme_path", self.nvme_path, (str, type(None)), "a folder path or None")
         _check_type("router_aux_loss", self.router_aux_loss, (bool, type(None)), "True, False or None (the config's)")

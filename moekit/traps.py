@@ -128,8 +128,10 @@ def loss_bytes_per_token(loss_impl: str, vocab: int, hidden: int) -> tuple[int, 
     ``use_liger_kernel``): the logits are computed a chunk of tokens at a time and never whole. Liger
     computes the gradient of lm_head's input in forward and keeps it (counted as 4 x hidden, fp32 upper
     bound); a chunk of about tokens x hidden / vocab tokens holds its fp32 logits and their gradient
-    (8 x vocab each), i.e. 8 x hidden per token of the batch. Estimate only: neither library is installed
-    here, neither runs on the CPU without Triton/CUDA, so this term is not measured.
+    (8 x vocab each), i.e. 8 x hidden per token of the batch. Estimate only: Liger's kernels and
+    cut-cross-entropy's are Triton (CUDA); cut-cross-entropy's one PyTorch path (impl="torch_compile")
+    computes the whole logits and ``F.cross_entropy`` under torch.compile, so no maintained library offers a
+    chunked loss to measure on the CPU and this term is not measured.
     """
     if loss_impl == "hf":
         return 4 * vocab, 8 * vocab  # fp32 log-softmax output; its gradient and the logits' (fp32)
@@ -142,7 +144,7 @@ def loss_note(loss_impl: str, tokens: int, vocab: int) -> str:
         return (f"transformers' loss keeps fp32 log-softmax of {tokens} x {vocab:,} (and its gradient in backward): "
                 f"{wall:.2f} GiB; loss_impl='fused' (Liger FLCE) or 'chunked' (cut-cross-entropy) removes it")
     return (f"{loss_impl} linear-cross-entropy: logits computed chunk by chunk ({wall:.2f} GiB of fp32 logits "
-            "avoided); ESTIMATE ONLY (Liger/cut-cross-entropy need Triton/CUDA, not measured here)")
+            "avoided); ESTIMATE ONLY: Liger's and cut-cross-entropy's chunked kernels are Triton (CUDA), not measured here")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +177,11 @@ def optimizer_note(optimizer: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def overhead_note(context_bytes: int, reserve_fraction: float) -> str:
+def overhead_note(context_bytes: int, reserve_fraction: float, expandable_segments: bool = False) -> str:
+    if expandable_segments:
+        return (f"CUDA context {context_bytes / 2**20:.0f} MiB (driver, kernels, cuBLAS workspace) + the allocator's "
+                "page rounding: expandable_segments:True grows one segment per pool instead of reserving new ones "
+                "(set PYTORCH_CUDA_ALLOC_CONF before the first CUDA call; not measured on a GPU here)")
     return (f"CUDA context {context_bytes / 2**20:.0f} MiB (driver, kernels, cuBLAS workspace) + allocator reserve "
             f"{reserve_fraction:.0%} of the peak: nvidia-smi shows reserved, not max_memory_allocated; MoE's "
             "varying tokens per expert fragment the cache (one report: 13 GB allocated, 56 GB reserved): "
@@ -232,9 +238,13 @@ def load_phase(setup: TrainingSetup, *, path: str, weights_16bit_bytes: int, wei
                          f"({ranks} x {weights_16bit_bytes / GiB:.1f} GiB per node)")
     if path == "zero_init":
         # Parameters are created partitioned; transformers gathers one module at a time to copy its weights in.
+        # With offloaded parameters zero.Init creates the partitions in host RAM (remote_device="cpu").
         partition = math.ceil(weights_16bit_bytes / setup.world_size)
-        return LoadPhase(path, partition + largest_module_bytes + context_bytes, ranks * largest_module_bytes,
-                         "zero.Init: each rank holds its partition plus one module gathered while it is filled")
+        on_host = setup.offload == "optimizer+params"
+        return LoadPhase(path, (0 if on_host else partition) + largest_module_bytes + context_bytes,
+                         ranks * ((partition if on_host else 0) + largest_module_bytes),
+                         "zero.Init: each rank holds its partition (in host RAM when parameters are offloaded) "
+                         "plus one module gathered while it is filled")
     if path == "4bit":
         # bitsandbytes quantizes each weight as it reaches the GPU: the 4-bit model plus one 16-bit module; every
         # rank loads its own copy (multi-GPU QLoRA is data parallel).
