@@ -881,7 +881,7 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         gpu_memory_bytes=setup.gpu_memory_bytes,
         notes=notes,
         host_memory_bytes=setup.host_memory_bytes,
-        load_gpu_bytes=load.gpu_bytes,
+        load_gpu_bytes=load.gpu_bytes + overhead_bytes(load.gpu_bytes, setup.expandable_segments),
         load_host_bytes=load.host_bytes,
     )
 
@@ -895,13 +895,12 @@ def router_aux_loss_term(setup: TrainingSetup, f: ModelFacts) -> int:
 
 
 def load_phase_of(setup: TrainingSetup, f: ModelFacts):
-    """The load phase's peaks (moekit.traps.load_phase) from this model's weights."""
+    """The load phase's peaks (moekit.traps.load_phase) from this model's weights (allocated bytes)."""
     width = _width(setup)
     weights_16bit = f.num_params * width + (4 - width) * f.num_fp32_params
     weights_4bit = _base_weight_bytes(setup, f) if setup.method == "qlora" else weights_16bit
     return load_phase(setup, path=resolved_load_path(setup, f.arch.model_type), weights_16bit_bytes=weights_16bit,
-                      weights_4bit_bytes=weights_4bit, largest_module_bytes=width * f.largest_module_params,
-                      context_bytes=CUDA_CONTEXT_BYTES)
+                      weights_4bit_bytes=weights_4bit, largest_module_bytes=width * f.largest_module_params)
 
 
 def trap_notes(setup: TrainingSetup, f: ModelFacts, router_loss: int, tokens: int) -> dict[str, str]:

@@ -202,7 +202,7 @@ def qlora_note(num_params: int, num_quantized: int, num_expert_params: int) -> s
 
 @dataclass(frozen=True)
 class LoadPhase:
-    """Peak bytes while the weights are loaded: per GPU, and host RAM per node (all its ranks)."""
+    """Peak bytes while the weights are loaded: per GPU (allocated), and host RAM per node (all its ranks)."""
 
     path: str
     gpu_bytes: int
@@ -223,17 +223,18 @@ def resolved_load_path(setup: TrainingSetup, model_type: str) -> str:
 
 
 def load_phase(setup: TrainingSetup, *, path: str, weights_16bit_bytes: int, weights_4bit_bytes: int,
-               largest_module_bytes: int, context_bytes: int) -> LoadPhase:
+               largest_module_bytes: int) -> LoadPhase:
     """Peak per GPU and per node's host RAM while ``from_pretrained`` and the engine place the weights.
 
     weights_16bit_bytes: the whole model in its working precision; largest_module_bytes: one module's
     parameters (a layer's fused experts) in that precision, what one rank materializes at a time.
+    gpu_bytes is what the allocator hands out; the estimate adds the overhead (CUDA context, reserve) to it.
     """
     ranks = setup.gpus_per_node
     if path == "from_pretrained":
         # Every rank builds the whole model in host RAM, then the engine moves it to its GPU (plain DDP,
         # ZeRO-1/2; ZeRO-3 partitions only after the whole model was on the GPU).
-        return LoadPhase(path, weights_16bit_bytes + context_bytes, ranks * weights_16bit_bytes,
+        return LoadPhase(path, weights_16bit_bytes, ranks * weights_16bit_bytes,
                          f"from_pretrained without zero.Init: the whole 16-bit model per rank, in host RAM first "
                          f"({ranks} x {weights_16bit_bytes / GiB:.1f} GiB per node)")
     if path == "zero_init":
@@ -241,17 +242,19 @@ def load_phase(setup: TrainingSetup, *, path: str, weights_16bit_bytes: int, wei
         # With offloaded parameters zero.Init creates the partitions in host RAM (remote_device="cpu").
         partition = math.ceil(weights_16bit_bytes / setup.world_size)
         on_host = setup.offload == "optimizer+params"
-        return LoadPhase(path, (0 if on_host else partition) + largest_module_bytes + context_bytes,
+        return LoadPhase(path, (0 if on_host else partition) + largest_module_bytes,
                          ranks * ((partition if on_host else 0) + largest_module_bytes),
                          "zero.Init: each rank holds its partition (in host RAM when parameters are offloaded) "
                          "plus one module gathered while it is filled")
     if path == "4bit":
         # bitsandbytes quantizes each weight as it reaches the GPU: the 4-bit model plus one 16-bit module; every
         # rank loads its own copy (multi-GPU QLoRA is data parallel).
-        return LoadPhase(path, weights_4bit_bytes + largest_module_bytes + context_bytes,
+        return LoadPhase(path, weights_4bit_bytes + largest_module_bytes,
                          ranks * largest_module_bytes,
                          f"4-bit load: a quantized copy per rank ({ranks} per node), one 16-bit module at a time")
-    # MXFP4 checkpoints (gpt-oss) are dequantized to 16 bits on load, whole, before ZeRO can partition them.
-    return LoadPhase(path, weights_16bit_bytes + context_bytes, ranks * largest_module_bytes,
+    # MXFP4 checkpoints (gpt-oss) are dequantized to 16 bits on load, whole, before ZeRO can partition them; the
+    # module being dequantized still holds its MXFP4 blocks and scales (4 + 8/32 bits per weight).
+    mxfp4_module_bytes = math.ceil(largest_module_bytes * 4.25 / 16)
+    return LoadPhase(path, weights_16bit_bytes + mxfp4_module_bytes, ranks * largest_module_bytes,
                      "MXFP4 checkpoint dequantized to bf16 on load: the whole 16-bit model on every rank, "
                      "whatever the ZeRO stage (reported: 8 x 40 GB with ZeRO-3 and offload runs out at load)")
