@@ -131,6 +131,18 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
                    help="adamw, bitsandbytes' adamw_8bit or paged_adamw (default: %(default)s)")
 
 
+def refuse_estimate_only_knobs(setup: TrainingSetup, command: str) -> None:
+    """The field-trap knobs only the estimate models (moekit.traps): a real or simulated step runs AdamW,
+    transformers' loss and the model's own router-loss setting, so asking for others would mix two runs."""
+    d = TrainingSetup()
+    given = [flag for flag, value, default in (("--optimizer", setup.optimizer, d.optimizer),
+                                               ("--loss-impl", setup.loss_impl, d.loss_impl),
+                                               ("--router-aux-loss", setup.router_aux_loss, None)) if value != default]
+    if given:
+        raise MoekitError(f"{', '.join(given)} are modelled by `moekit estimate`/`plan` only; `moekit {command}` runs "
+                          "AdamW, transformers' loss and the config's router loss: drop them.")
+
+
 def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
     """Build (and so validate) the TrainingSetup the flags describe."""
     return TrainingSetup(
@@ -491,6 +503,7 @@ def _run_simulate(args: argparse.Namespace) -> None:
     from moekit.simulate import simulate, simulate_per_layer
 
     setup = setup_from_args(args)
+    refuse_estimate_only_knobs(setup, "simulate")
     if args.per_layer and args.layers is not None:
         raise MoekitError("--per-layer extrapolates to the full depth; drop --layers (or drop --per-layer).")
     if args.per_layer:
@@ -530,6 +543,7 @@ def _run_measure(args: argparse.Namespace) -> None:
     from moekit.profile import measure_step
 
     setup = setup_from_args(args)
+    refuse_estimate_only_knobs(setup, "measure")
     if args.engine == "deepspeed":
         _run_measure_engine(setup, args)
         return
@@ -642,6 +656,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from moekit.train import check_train_inputs, train
 
     setup = setup_from_args(args)
+    refuse_estimate_only_knobs(setup, "train")
     run = dict(steps=args.steps, output_dir=args.output_dir, save_every=args.save_every, resume=not args.no_resume,
                seed=args.seed, weights=args.weights, lr=args.lr)
     check_train_inputs(setup, args.data, **run)  # bad input is one line before DeepSpeed even loads
@@ -684,6 +699,7 @@ def _run_launch(args: argparse.Namespace) -> None:
         raise MoekitError(f"--hosts '{args.hosts}' has an empty name; give one host per node, e.g. node1,node2.")
     train_args = TrainArgs(steps=args.steps, save_every=args.save_every, data=args.data, weights=args.weights, lr=args.lr, seed=args.seed)
     setup = setup_from_args(args)
+    refuse_estimate_only_knobs(setup, "launch")
     check_hosts(setup, hosts, args.master_addr, args.master_port)
     check_run_folder(args.run_dir, setup, resume=True)
     import_deepspeed_logging_to_stderr()  # after the checks, so bad input stays one line

@@ -47,6 +47,7 @@ CLI_CASES = [
     ("zero-init-zero2", ["estimate", "--load-path", "zero_init"], 2, "use zero_stage=3"),
     ("8bit-adam-offload", ["estimate", "--optimizer", "adamw_8bit", "--offload", "optimizer"], 2, "with offload"),
     ("router-loss-word", ["estimate", "--router-aux-loss", "yes"], 2, "invalid choice: 'yes'"),
+    ("train-8bit-adam", ["train", "--model", "tiny", "--optimizer", "adamw_8bit"], 2, "modelled by `moekit estimate`"),
     ("gpus-zero", ["estimate", "--gpus", "0"], 2, "gpus_per_node must be a positive integer"),
     ("nodes-negative", ["estimate", "--nodes", "-1"], 2, "num_nodes must be a positive integer"),
     ("micro-batch-zero", ["estimate", "--micro-batch", "0"], 2, "micro_batch must be a positive integer"),
