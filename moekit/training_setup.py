@@ -220,8 +220,13 @@ class TrainingSetup:
         method = self.method if not self.uses_lora else f"{self.method} r={self.lora.r} on {'+'.join(self.lora.targets)}"
         offload = "" if self.offload == "none" else f" +offload {self.offload}"
         ckpt = " +ckpt" if self.activation_checkpointing else ""
+        traps = "".join(f" +{text}" for on, text in (
+            (self.optimizer != "adamw", self.optimizer), (self.loss_impl != "hf", f"{self.loss_impl} loss"),
+            (self.router_aux_loss is not None, f"router loss {'on' if self.router_aux_loss else 'off'}"),
+            (self.expandable_segments, "expandable segments"), (self.load_path != "auto", f"load {self.load_path}"),
+        ) if on)
         return (
-            f"{self.model} {method} {self.precision} ZeRO-{self.zero_stage}{offload}{ckpt} "
+            f"{self.model} {method} {self.precision} ZeRO-{self.zero_stage}{offload}{ckpt}{traps} "
             f"seq {self.seq_len} x mb {self.micro_batch} on {self.num_nodes}x{self.gpus_per_node} "
             f"x {self.gpu_memory_gb:g} GB"
         )
