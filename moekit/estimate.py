@@ -657,12 +657,13 @@ def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     rotary_tables = (8 if a.rotary_complex else w) * a.rotary_table_width  # cos and sin, shared by every layer
-    loss_saved, _ = loss_bytes_per_token(setup.loss_impl, f.vocab, f.hidden)  # hf: the fp32 log-softmax output
+    loss_saved, _ = loss_bytes_per_token(setup.loss_impl, f.vocab, f.hidden, w)  # hf: the fp32 log-softmax output
     total = loss_saved + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN
     if t.full:
         # final norm (input copy + normalized) and lm_head's input; with frozen embeddings the first
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
-        total += norm_saved_bytes(a, f.hidden, w, True) + w * f.hidden
+        lm_head_input = 0 if setup.loss_impl == "chunked" else w * f.hidden  # cut-cross-entropy saves it itself
+        total += norm_saved_bytes(a, f.hidden, w, True) + lm_head_input
     if setup.activation_checkpointing:
         # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
         total += 0 if t.full else norm_saved_bytes(a, f.hidden, w, False)
@@ -828,7 +829,7 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     tokens = setup.micro_batch * setup.seq_len
     router_loss = router_aux_loss_term(setup, f)
     activations += router_loss
-    loss_saved, loss_backward = loss_bytes_per_token(setup.loss_impl, f.vocab, f.hidden)
+    loss_saved, loss_backward = loss_bytes_per_token(setup.loss_impl, f.vocab, f.hidden, _width(setup))
     width = 4 if setup.precision == "fp32" else 2
     # Backward starts with the fp32 gradients of the log-softmax and of the logits; with checkpointing
     # a recomputed layer comes later, once those are gone: the larger of the two is the temporary.

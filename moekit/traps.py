@@ -118,24 +118,27 @@ def router_aux_loss_note(setup: TrainingSetup, num_bytes: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def loss_bytes_per_token(loss_impl: str, vocab: int, hidden: int) -> tuple[int, int]:
+def loss_bytes_per_token(loss_impl: str, vocab: int, hidden: int, width: int) -> tuple[int, int]:
     """(bytes per token kept from forward to backward, bytes per token at the start of backward).
 
     hf: transformers' ``ForCausalLMLoss`` upcasts the logits and ``cross_entropy``'s log-softmax saves its
     fp32 output (4 x vocab); backward starts with the fp32 gradients of the log-softmax and of the logits
     (4 + 4 x vocab).
-    chunked / fused (cut-cross-entropy, Liger's fused linear-cross-entropy through the HF Trainer's
-    ``use_liger_kernel``): the logits are computed a chunk of tokens at a time and never whole. Liger
-    computes the gradient of lm_head's input in forward and keeps it (counted as 4 x hidden, fp32 upper
-    bound); a chunk of about tokens x hidden / vocab tokens holds its fp32 logits and their gradient
-    (8 x vocab each), i.e. 8 x hidden per token of the batch. Estimate only: Liger's kernels and
-    cut-cross-entropy's are Triton (CUDA); cut-cross-entropy's one PyTorch path (impl="torch_compile")
-    computes the whole logits and ``F.cross_entropy`` under torch.compile, so no maintained library offers a
-    chunked loss to measure on the CPU and this term is not measured.
+    chunked (cut-cross-entropy): the logits are recomputed block by block inside the kernel; autograd keeps
+    lm_head's input (width x hidden) and the fp32 log-sum-exp (4); backward allocates the input's gradient.
+    fused (Liger's fused linear-cross-entropy, the HF Trainer's ``use_liger_kernel``): the gradient of
+    lm_head's input is computed in forward and kept (width x hidden); each chunk of
+    next_power_of_2(tokens / ceil(vocab / hidden)) tokens holds its logits in the working dtype, at most
+    2 x width x hidden per token of the batch.
+    Estimate only: Liger's kernels and cut-cross-entropy's are Triton (CUDA); cut-cross-entropy's one
+    PyTorch path (impl="torch_compile") computes the whole logits and ``F.cross_entropy`` under
+    torch.compile, so no maintained library offers a chunked loss to measure on the CPU.
     """
     if loss_impl == "hf":
         return 4 * vocab, 8 * vocab  # fp32 log-softmax output; its gradient and the logits' (fp32)
-    return 4 * hidden, 8 * hidden  # lm_head input's gradient; one chunk's fp32 logits and gradient
+    if loss_impl == "chunked":
+        return width * hidden + 4, width * hidden  # lm_head input and fp32 lse; the input's gradient
+    return width * hidden, 2 * width * hidden  # the input's gradient, computed in forward; one chunk's logits
 
 
 def loss_note(loss_impl: str, tokens: int, vocab: int) -> str:
