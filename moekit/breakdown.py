@@ -132,13 +132,13 @@ class Breakdown:
         for category in CATEGORIES:
             rows.append(f"{category:<18}{self.per_gpu[category] / GiB:>14.2f}")
         rows.append(f"{'total (peak)':<18}{self.total_bytes / GiB:>14.2f}")
+        if self.load_gpu_bytes is not None:
+            rows.append(f"{'load (peak)':<18}{self.load_gpu_bytes / GiB:>14.2f}   loading the weights; host RAM per "
+                        f"node {(self.load_host_bytes or 0) / GiB:.2f} GiB")
         if self.gpu_memory_bytes is not None:
             verdict = "fits" if self.gpu_fits else "DOES NOT FIT"
             rows.append(f"{'GPU memory':<18}{self.gpu_memory_bytes / GiB:>14.2f}")
             rows.append(f"{'headroom':<18}{self.headroom_bytes / GiB:>14.2f}   -> {verdict}")
-        if self.load_gpu_bytes is not None:
-            rows.append(f"{'load (peak)':<18}{self.load_gpu_bytes / GiB:>14.2f}   host per node "
-                        f"{(self.load_host_bytes or 0) / GiB:.2f}")
         for key, value in self.per_host.items():
             rows.append(f"host {key:<13}{value / GiB:>14.2f}")
         if self.host_memory_bytes is not None:

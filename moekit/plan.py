@@ -415,6 +415,14 @@ def first_advice(breakdown: Breakdown) -> str:
         return (f"the weights alone ({weights / gib:.1f} GiB per GPU) exceed the {breakdown.gpu_memory_bytes / gib:.0f} "
                 "GiB card: partition them with ZeRO-3 (--zero 3), offload them (--offload optimizer+params) or "
                 "quantize them (--method qlora) first")
+    load_note = breakdown.notes.get("load", "")
+    if breakdown.gpu_fits is False and breakdown.total_bytes <= (breakdown.gpu_memory_bytes or 0):
+        return (f"the step fits but loading the weights needs {breakdown.peak_gpu_bytes / gib:.1f} GiB per GPU "
+                f"({load_note}): load under zero.Init (ZeRO-3; an MXFP4 checkpoint as a bf16 copy with --load-path "
+                "zero_init) or use larger GPUs")
+    if breakdown.host_fits is False and breakdown.peak_host_bytes > breakdown.host_bytes:
+        return (f"loading the weights needs {breakdown.peak_host_bytes / gib:.1f} GiB of host RAM per node "
+                f"({load_note}): load under zero.Init (ZeRO-3, --load-path auto), or fewer ranks per node")
     if breakdown.host_fits is False and breakdown.gpu_fits:
         return (f"host RAM is short ({breakdown.host_bytes / gib:.1f} GiB offloaded per node of "
                 f"{breakdown.host_memory_bytes / gib:.1f}): offload less, or use more nodes")

@@ -15,7 +15,7 @@ from moekit.estimate import (
     model_facts,
     num_trainable_params,
 )
-from moekit.plan import ARTICLE_ORDER, ladder, trap_rungs
+from moekit.plan import ARTICLE_ORDER, first_advice, ladder, trap_rungs
 from moekit.training_setup import SetupError, TrainingSetup
 from moekit.traps import router_loss_facts, simulate_router_aux_loss_bytes
 from moekit.zero import ds_config
@@ -69,6 +69,7 @@ def test_gpt_oss_mxfp4_dequantized_on_load_does_not_fit_8x40gb_with_zero3_and_of
     breakdown = estimate(setup)
     assert breakdown.total_bytes < setup.gpu_memory_bytes < breakdown.load_gpu_bytes
     assert not breakdown.fits and "MXFP4" in breakdown.notes["load"]
+    assert first_advice(breakdown).startswith("the step fits but loading the weights needs")
     assert estimate(setup.replace(gpu_memory_gb=80)).fits
 
 
