@@ -8,6 +8,7 @@ import json
 import pytest
 
 from moekit.catalog import preset_dir
+from moekit.cli import main
 from moekit.estimate import (
     CUDA_CONTEXT_BYTES,
     EXPANDABLE_SEGMENTS_RESERVE_BYTES,
@@ -113,10 +114,13 @@ def test_expandable_segments_leave_the_cuda_context_and_page_rounding_as_overhea
     assert "expandable_segments:True" in default.notes["overhead"] and "CUDA context" in default.notes["overhead"]
 
 
-def test_plan_for_the_articles_run_names_the_field_trap_rungs_that_apply():
+def test_plan_for_the_articles_run_names_the_field_trap_rungs_that_apply(capsys):
     rungs = ladder(TrainingSetup(), ARTICLE_ORDER)
     traps = {rung.change: rung for rung in trap_rungs(rungs[-1].setup)}
     assert {"fused_loss", "expandable_segments"} <= set(traps)
     assert "router_loss_off" not in traps  # Mixtral's config leaves the router's loss off
     assert all(rung.saved_bytes > 0 for rung in traps.values())
+    assert main(["plan", "--json", "--top", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [rung["change"] for rung in printed["traps"]] == list(traps)
 
