@@ -74,7 +74,7 @@ def test_gpt_oss_mxfp4_dequantized_on_load_does_not_fit_8x40gb_with_zero3_and_of
     assert estimate(setup.replace(gpu_memory_gb=80)).fits
 
 
-def test_qlora_note_says_which_parameters_are_4bit_and_that_fused_experts_stay_16bit():
+def test_qlora_note_says_which_parameters_are_4bit_and_that_fused_experts_stay_16bit(capsys):
     breakdown = estimate(TrainingSetup(method="qlora"))
     note = breakdown.notes["qlora"]
     assert "bitsandbytes#1849" in note and "fused expert tensors" in note
@@ -82,6 +82,9 @@ def test_qlora_note_says_which_parameters_are_4bit_and_that_fused_experts_stay_1
     num_experts = sum(layer.count("experts") for layer in f.layers)
     assert f"{num_experts / 1e9:.2f}B fused expert tensors" in note
     assert breakdown.load_gpu_bytes > breakdown.per_gpu["weights"]  # plus one 16-bit module being quantized
+    assert main(["estimate", "--method", "qlora", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["notes"]["qlora"] == note and printed["load"]["gpu_bytes"] == breakdown.load_gpu_bytes
 
 
 def test_fused_loss_removes_exactly_the_fp32_log_softmax_from_what_forward_keeps():
