@@ -37,6 +37,9 @@ class Breakdown:
     gpu_memory_bytes: int | None = None
     notes: dict[str, str] = field(default_factory=dict)
     host_memory_bytes: int | None = None  # RAM per node; None: not given, so not checked
+    #: The load phase (moekit.traps.load_phase): peak per GPU and host RAM per node while weights are loaded.
+    load_gpu_bytes: int | None = None
+    load_host_bytes: int | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.per_gpu) - set(CATEGORIES)
@@ -48,16 +51,26 @@ class Breakdown:
 
     @property
     def fits(self) -> bool | None:
-        """The one fit verdict (estimate, plan, launch and the dashboard ask this): the GPU peak fits the
-        card and, when the host's RAM is given, what lives on the host (offloaded states) fits it too.
-        None when the GPU memory is unknown."""
+        """The one fit verdict (estimate, plan, launch and the dashboard ask this): the GPU peak, of the
+        training step and of loading the weights, fits the card and, when the host's RAM is given, what lives
+        on the host (offloaded states, the load's copies) fits it too. None when the GPU memory is unknown."""
         if self.gpu_memory_bytes is None:
             return None
         return self.gpu_fits and self.host_fits is not False
 
     @property
     def gpu_fits(self) -> bool | None:
-        return None if self.gpu_memory_bytes is None else self.total_bytes <= self.gpu_memory_bytes
+        return None if self.gpu_memory_bytes is None else self.peak_gpu_bytes <= self.gpu_memory_bytes
+
+    @property
+    def peak_gpu_bytes(self) -> int:
+        """The larger of the training step's peak and the load phase's (when known)."""
+        return max(self.total_bytes, self.load_gpu_bytes or 0)
+
+    @property
+    def peak_host_bytes(self) -> int:
+        """Host RAM per node at its fullest: offloaded states during training, or the load's copies."""
+        return max(self.host_bytes, self.load_host_bytes or 0)
 
     @property
     def host_bytes(self) -> int:
@@ -66,7 +79,7 @@ class Breakdown:
 
     @property
     def host_fits(self) -> bool | None:
-        return None if self.host_memory_bytes is None else self.host_bytes <= self.host_memory_bytes
+        return None if self.host_memory_bytes is None else self.peak_host_bytes <= self.host_memory_bytes
 
     def verdict(self) -> str:
         """One line: fits, or which memory is short and by how much."""
@@ -74,16 +87,19 @@ class Breakdown:
             return "no GPU memory given: nothing to check against"
         problems = []
         if not self.gpu_fits:
-            problems.append(f"GPU needs {self.total_bytes / GiB:.1f} GiB of {self.gpu_memory_bytes / GiB:.1f}")
+            when = " to load the weights" if self.peak_gpu_bytes > self.total_bytes else ""
+            problems.append(f"GPU needs {self.peak_gpu_bytes / GiB:.1f} GiB of {self.gpu_memory_bytes / GiB:.1f}{when}")
         if self.host_fits is False:
-            problems.append(f"host RAM needs {self.host_bytes / GiB:.1f} GiB of {self.host_memory_bytes / GiB:.1f}")
+            when = " to load the weights" if self.peak_host_bytes > self.host_bytes else ""
+            problems.append(f"host RAM needs {self.peak_host_bytes / GiB:.1f} GiB of "
+                            f"{self.host_memory_bytes / GiB:.1f}{when}")
         return "fits" if not problems else "DOES NOT FIT: " + "; ".join(problems)
 
     @property
     def headroom_bytes(self) -> int | None:
         if self.gpu_memory_bytes is None:
             return None
-        return self.gpu_memory_bytes - self.total_bytes
+        return self.gpu_memory_bytes - self.peak_gpu_bytes
 
     @property
     def model_state_bytes(self) -> int:
@@ -107,6 +123,7 @@ class Breakdown:
             "host_fits": self.host_fits,
             "headroom_bytes": self.headroom_bytes,
             "notes": dict(self.notes),
+            "load": {"gpu_bytes": self.load_gpu_bytes, "host_bytes_per_node": self.load_host_bytes},
         }
 
     def table(self) -> str:
@@ -115,6 +132,9 @@ class Breakdown:
         for category in CATEGORIES:
             rows.append(f"{category:<18}{self.per_gpu[category] / GiB:>14.2f}")
         rows.append(f"{'total (peak)':<18}{self.total_bytes / GiB:>14.2f}")
+        if self.load_gpu_bytes is not None:
+            rows.append(f"{'load (peak)':<18}{self.load_gpu_bytes / GiB:>14.2f}   loading the weights; host RAM per "
+                        f"node {(self.load_host_bytes or 0) / GiB:.2f} GiB")
         if self.gpu_memory_bytes is not None:
             verdict = "fits" if self.gpu_fits else "DOES NOT FIT"
             rows.append(f"{'GPU memory':<18}{self.gpu_memory_bytes / GiB:>14.2f}")

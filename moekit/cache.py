@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 #: The modules whose code decides the cached facts; editing one of them invalidates the cache.
-_SOURCES = ("models.py", "arch.py", "lora.py", "estimate.py", "training_setup.py", "catalog.py")
+_SOURCES = ("models.py", "arch.py", "lora.py", "estimate.py", "training_setup.py", "catalog.py", "traps.py")
 
 
 def cache_dir() -> Path:

@@ -22,8 +22,11 @@ from collections.abc import Callable, Sequence
 from moekit.errors import Interrupted, MoekitError, RunFailure
 from moekit.training_setup import (
     ATTENTIONS,
+    LOAD_PATHS,
+    LOSS_IMPLS,
     METHODS,
     OFFLOADS,
+    OPTIMIZERS,
     PRECISIONS,
     LoraSpec,
     TrainingSetup,
@@ -116,6 +119,28 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpointing", action="store_true", help="recompute activations in backward (activation checkpointing)")
     g.add_argument("--no-packing", action="store_true", help="pad each batch instead of packing sequences to --seq")
     g.add_argument("--attn", choices=ATTENTIONS, default=d.attn_implementation, help="attention implementation (default: %(default)s)")
+    g.add_argument("--router-aux-loss", choices=("on", "off"), default=None,
+                   help="transformers' router load-balancing loss (output_router_logits) (default: the model's config)")
+    g.add_argument("--load-path", choices=LOAD_PATHS, default=d.load_path,
+                   help="how the weights are loaded: auto follows method, ZeRO stage and checkpoint (default: %(default)s)")
+    g.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl,
+                   help="hf: transformers' fp32 logits; chunked/fused linear-cross-entropy (default: %(default)s)")
+    g.add_argument("--expandable-segments", action="store_true",
+                   help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: a smaller allocator reserve (CUDA)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="adamw, bitsandbytes' adamw_8bit or paged_adamw (default: %(default)s)")
+
+
+def refuse_estimate_only_knobs(setup: TrainingSetup, command: str) -> None:
+    """The field-trap knobs only the estimate models (moekit.traps): a real or simulated step runs AdamW,
+    transformers' loss and the model's own router-loss setting, so asking for others would mix two runs."""
+    d = TrainingSetup()
+    given = [flag for flag, value, default in (("--optimizer", setup.optimizer, d.optimizer),
+                                               ("--loss-impl", setup.loss_impl, d.loss_impl),
+                                               ("--router-aux-loss", setup.router_aux_loss, None)) if value != default]
+    if given:
+        raise MoekitError(f"{', '.join(given)} are modelled by `moekit estimate`/`plan` only; `moekit {command}` runs "
+                          "AdamW, transformers' loss and the config's router loss: drop them.")
 
 
 def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
@@ -138,6 +163,11 @@ def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
         grad_accum=args.grad_accum,
         activation_checkpointing=args.checkpointing,
         packing=not args.no_packing,
+        router_aux_loss=None if args.router_aux_loss is None else args.router_aux_loss == "on",
+        load_path=args.load_path,
+        loss_impl=args.loss_impl,
+        optimizer=args.optimizer,
+        expandable_segments=args.expandable_segments,
         attn_implementation=args.attn,
     )
 
@@ -359,7 +389,16 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    from moekit.plan import ARTICLE_ORDER, OFFLOAD_MITIGATIONS, RANKING, as_json, constraints_from_setup, ladder, plan
+    from moekit.plan import (
+        ARTICLE_ORDER,
+        OFFLOAD_MITIGATIONS,
+        RANKING,
+        as_json,
+        constraints_from_setup,
+        ladder,
+        plan,
+        trap_rungs,
+    )
 
     setup = setup_from_args(args)
     unknown = sorted({kind for kind, _ in args.export} - {"hf", "accelerate"})
@@ -381,9 +420,10 @@ def _run_plan(args: argparse.Namespace) -> None:
         order = [name for name in order if name not in OFFLOAD_MITIGATIONS]
     result = plan(constraints_from_setup(setup, **overrides), top=args.top)
     rungs = ladder(setup, order, min_seq_len=args.min_seq)
+    traps = trap_rungs(rungs[-1].setup)
     exported = _export_plan(result, args.export)
     if args.json:
-        print_json(as_json(result, rungs))
+        print_json(as_json(result, rungs, traps))
         if exported:
             print("\n".join(exported), file=sys.stderr)
         return
@@ -399,6 +439,11 @@ def _run_plan(args: argparse.Namespace) -> None:
             f"{rung.change:<20}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.1f}"
             f"  {'yes ' if rung.fits else 'no  '}  {rung.description}"
         )
+    if traps:
+        print(f"\n{'field traps (each alone, from the last rung)':<44}{'GiB/GPU':>9}{'saved':>9}  change")
+        for rung in traps:
+            print(f"{rung.change:<44}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.2f}"
+                  f"  {rung.description}")
     for line in exported:
         print(line)
 
@@ -458,6 +503,7 @@ def _run_simulate(args: argparse.Namespace) -> None:
     from moekit.simulate import simulate, simulate_per_layer
 
     setup = setup_from_args(args)
+    refuse_estimate_only_knobs(setup, "simulate")
     if args.per_layer and args.layers is not None:
         raise MoekitError("--per-layer extrapolates to the full depth; drop --layers (or drop --per-layer).")
     if args.per_layer:
@@ -497,6 +543,7 @@ def _run_measure(args: argparse.Namespace) -> None:
     from moekit.profile import measure_step
 
     setup = setup_from_args(args)
+    refuse_estimate_only_knobs(setup, "measure")
     if args.engine == "deepspeed":
         _run_measure_engine(setup, args)
         return
@@ -609,6 +656,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from moekit.train import check_train_inputs, train
 
     setup = setup_from_args(args)
+    refuse_estimate_only_knobs(setup, "train")
     run = dict(steps=args.steps, output_dir=args.output_dir, save_every=args.save_every, resume=not args.no_resume,
                seed=args.seed, weights=args.weights, lr=args.lr)
     check_train_inputs(setup, args.data, **run)  # bad input is one line before DeepSpeed even loads
@@ -651,6 +699,7 @@ def _run_launch(args: argparse.Namespace) -> None:
         raise MoekitError(f"--hosts '{args.hosts}' has an empty name; give one host per node, e.g. node1,node2.")
     train_args = TrainArgs(steps=args.steps, save_every=args.save_every, data=args.data, weights=args.weights, lr=args.lr, seed=args.seed)
     setup = setup_from_args(args)
+    refuse_estimate_only_knobs(setup, "launch")
     check_hosts(setup, hosts, args.master_addr, args.master_port)
     check_run_folder(args.run_dir, setup, resume=True)
     import_deepspeed_logging_to_stderr()  # after the checks, so bad input stays one line

@@ -28,6 +28,19 @@ from moekit.breakdown import Breakdown
 from moekit.cache import disk_cached
 from moekit.errors import MoekitError
 from moekit.training_setup import LoraSpec, SetupError, TrainingSetup
+from moekit.traps import (
+    load_phase,
+    loss_bytes_per_token,
+    loss_note,
+    optimizer_note,
+    optimizer_state_bytes_per_param,
+    overhead_note,
+    qlora_note,
+    resolved_load_path,
+    router_aux_loss_bytes,
+    router_aux_loss_note,
+    router_aux_loss_on,
+)
 
 # moekit.models and moekit.arch's readers (torch, transformers) are imported inside the functions that
 # build a model on the meta device; their results are cached on disk (moekit.cache), so a warm estimate
@@ -45,6 +58,10 @@ SUB_GROUP_ELEMENTS = 1_000_000_000  # ZeRO-3's sub_group_size
 CUDA_CONTEXT_BYTES = 600 * 2**20
 #: The caching allocator reserves more than it hands out (fragmentation); a few % of the peak.
 ALLOCATOR_RESERVE_FRACTION = 0.05
+#: With expandable_segments the allocator maps pages into one growing segment per pool: what it reserves over
+#: the allocated bytes is the rounding to its page sizes (20 MiB large pool + 2 MiB small pool, per the
+#: CUDA caching allocator's kLargeBuffer / kSmallBuffer). Not measured on a GPU here.
+EXPANDABLE_SEGMENTS_RESERVE_BYTES = 22 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +274,7 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
     # clone their partition (single_partition_of_fp32_groups), stage 3 too (_create_fp32_partitions compares a
     # torch.device with the accelerator's device name, a string, so its no-copy branch never runs); m and v always.
     master = 4 * owned if (mixed or stage >= 1) else 0
-    optimizer = master + 8 * owned
+    optimizer = master + int(optimizer_state_bytes_per_param(setup.optimizer) * owned)  # m and v (moekit.traps)
     # The optimizer step's fp32 gradient of the partition; except under ZeRO-2 (whose gradient partition
     # is already one flat buffer) it is first flattened in the working dtype, then upcast.
     # ZeRO-3 steps its partition in sub-groups of sub_group_size elements, one at a time.
@@ -640,11 +657,13 @@ def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     rotary_tables = (8 if a.rotary_complex else w) * a.rotary_table_width  # cos and sin, shared by every layer
-    total = 4 * f.vocab + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN  # 4 = fp32 log-softmax output
+    loss_saved, _ = loss_bytes_per_token(setup.loss_impl, f.vocab, f.hidden, w)  # hf: the fp32 log-softmax output
+    total = loss_saved + rotary_tables + LOSS_BOOKKEEPING_BYTES_PER_TOKEN
     if t.full:
         # final norm (input copy + normalized) and lm_head's input; with frozen embeddings the first
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
-        total += norm_saved_bytes(a, f.hidden, w, True) + w * f.hidden
+        lm_head_input = 0 if setup.loss_impl == "chunked" else w * f.hidden  # cut-cross-entropy saves it itself
+        total += norm_saved_bytes(a, f.hidden, w, True) + lm_head_input
     if setup.activation_checkpointing:
         # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
         total += 0 if t.full else norm_saved_bytes(a, f.hidden, w, False)
@@ -779,8 +798,10 @@ def buffer_bytes(setup: TrainingSetup) -> int:
     return 0
 
 
-def overhead_bytes(peak_allocated_bytes: int) -> int:
+def overhead_bytes(peak_allocated_bytes: int, expandable_segments: bool = False) -> int:
     """CUDA context plus the caching allocator's reserve over the allocated peak."""
+    if expandable_segments:
+        return CUDA_CONTEXT_BYTES + EXPANDABLE_SEGMENTS_RESERVE_BYTES
     return CUDA_CONTEXT_BYTES + int(ALLOCATOR_RESERVE_FRACTION * peak_allocated_bytes)
 
 
@@ -806,10 +827,13 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     states = model_states(setup, f, num_trainable)
     activations, recomputed = activation_bytes(setup, f.num_layers)
     tokens = setup.micro_batch * setup.seq_len
+    router_loss = router_aux_loss_term(setup, f)
+    activations += router_loss
+    loss_saved, loss_backward = loss_bytes_per_token(setup.loss_impl, f.vocab, f.hidden, _width(setup))
     width = 4 if setup.precision == "fp32" else 2
     # Backward starts with the fp32 gradients of the log-softmax and of the logits; with checkpointing
     # a recomputed layer comes later, once those are gone: the larger of the two is the temporary.
-    backward_temporary = max(tokens * f.vocab * 8, recomputed)
+    backward_temporary = max(tokens * loss_backward, recomputed)
     if setup.method == "full" and setup.zero_stage >= 2:
         whole_gradient = width * f.largest_param_per_layer + RECOMPUTED_SHARE_AT_EXPERT_GRADIENT * recomputed
         backward_temporary = max(backward_temporary, int(whole_gradient))
@@ -830,8 +854,8 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     recomputed_then = recomputed if setup.uses_lora else 0
     # The loss's backward has freed the fp32 log-softmax; a full fine-tune's first gradient (lm_head's) comes
     # while the 16-bit gradient of the logits is alive.
-    logits_gradient = tokens * f.vocab * width if setup.method == "full" else 0
-    first_gradient = (weights_and_optimizer + early_gradients + activations - tokens * f.vocab * 4 + logits_gradient
+    logits_gradient = tokens * f.vocab * width if setup.method == "full" and setup.loss_impl == "hf" else 0
+    first_gradient = (weights_and_optimizer + early_gradients + activations - tokens * loss_saved + logits_gradient
                       + recomputed_then + buffers)
     step = weights_and_optimizer + states.gradients_bytes + states.step_temporary_bytes + persistent_buffers
     allocated = max(backward_start, first_gradient, step)
@@ -843,10 +867,13 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         "activations": activations,
         "temporaries": temporaries,
         "buffers": buffers,
-        "overhead": overhead_bytes(allocated),
+        "overhead": overhead_bytes(allocated, setup.expandable_segments),
     }
     per_host, notes = host_or_nvme(setup, states.host_bytes)
     notes.update(activation_notes(setup))
+    load = load_phase_of(setup, f)
+    notes.update(trap_notes(setup, f, router_loss, tokens))
+    notes["load"] = load.note
     return Breakdown(
         source="estimate",
         per_gpu=per_gpu,
@@ -855,7 +882,41 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
         gpu_memory_bytes=setup.gpu_memory_bytes,
         notes=notes,
         host_memory_bytes=setup.host_memory_bytes,
+        load_gpu_bytes=load.gpu_bytes + overhead_bytes(load.gpu_bytes, setup.expandable_segments),
+        load_host_bytes=load.host_bytes,
     )
+
+
+def router_aux_loss_term(setup: TrainingSetup, f: ModelFacts) -> int:
+    """Bytes the router's load-balancing loss keeps for backward, when the run computes it (moekit.traps)."""
+    if not router_aux_loss_on(setup):
+        return 0
+    return router_aux_loss_bytes(sum(layer.moe for layer in f.layers), setup.micro_batch * setup.seq_len,
+                                 f.num_experts, _width(setup))
+
+
+def load_phase_of(setup: TrainingSetup, f: ModelFacts):
+    """The load phase's peaks (moekit.traps.load_phase) from this model's weights (allocated bytes)."""
+    width = _width(setup)
+    weights_16bit = f.num_params * width + (4 - width) * f.num_fp32_params
+    weights_4bit = _base_weight_bytes(setup, f) if setup.method == "qlora" else weights_16bit
+    return load_phase(setup, path=resolved_load_path(setup, f.arch.model_type), weights_16bit_bytes=weights_16bit,
+                      weights_4bit_bytes=weights_4bit, largest_module_bytes=width * f.largest_module_params)
+
+
+def trap_notes(setup: TrainingSetup, f: ModelFacts, router_loss: int, tokens: int) -> dict[str, str]:
+    """The estimate's notes on the field traps: overhead, the loss, the router's loss, optimizer, QLoRA."""
+    notes = {
+        "overhead": overhead_note(CUDA_CONTEXT_BYTES, ALLOCATOR_RESERVE_FRACTION, setup.expandable_segments),
+        "loss": loss_note(setup.loss_impl, tokens, f.vocab),
+        "router_aux_loss": router_aux_loss_note(setup, router_loss),
+        "optimizer": optimizer_note(setup.optimizer),
+    }
+    if setup.method == "qlora":
+        whole = model_facts(setup.model)  # the quantized count is of the whole model
+        num_experts = sum(layer.count("experts") for layer in whole.layers)
+        notes["qlora"] = qlora_note(whole.num_params, _num_quantized_params(setup.model), num_experts)
+    return notes
 
 
 def check_seq_len(setup: TrainingSetup, facts: ModelFacts) -> None:

@@ -56,7 +56,9 @@ def without_overhead(breakdown: Breakdown) -> Breakdown:
     neither, so toy-scale charts put ``without_overhead(estimate(toy))`` beside ``measure(toy)``.
     """
     overhead = breakdown.per_gpu["overhead"]
-    return dataclasses.replace(breakdown, per_gpu={**breakdown.per_gpu, "overhead": 0}, total_bytes=breakdown.total_bytes - overhead)
+    # The load phase's peak carries its own CUDA overhead and has no CPU counterpart: it is left out too.
+    return dataclasses.replace(breakdown, per_gpu={**breakdown.per_gpu, "overhead": 0}, total_bytes=breakdown.total_bytes - overhead,
+                               load_gpu_bytes=None)
 
 
 # --------------------------------------------------------------------------------------------

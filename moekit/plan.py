@@ -301,6 +301,17 @@ def mitigations(min_seq_len: int | None = None) -> dict[str, Mitigation]:
                    lambda s: _changed(s, zero_stage=3, offload="optimizer+params")),
         Mitigation("checkpointing", "activation checkpointing: keep one hidden state per layer, recompute the rest",
                    lambda s: _changed(s, activation_checkpointing=True)),
+        # The field traps (moekit.traps): memory the step's account used to leave out.
+        Mitigation("expandable_segments", "CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True shrinks the "
+                   "allocator's reserve", lambda s: _changed(s, expandable_segments=True)),
+        Mitigation("fused_loss", "fused linear-cross-entropy (Liger via use_liger_kernel): no fp32 logits "
+                   "(estimate only)", lambda s: _changed(s, loss_impl="fused") if s.loss_impl == "hf" else None),
+        Mitigation("adamw_8bit", "bitsandbytes 8-bit AdamW: 2 B of optimizer state per trained parameter instead of 8",
+                   lambda s: _changed(s, optimizer="adamw_8bit") if s.offload == "none" else None),
+        Mitigation("zero_init", "load under zero.Init (ZeRO-3): each rank materializes its partition only",
+                   lambda s: _changed(s, load_path="zero_init") if s.zero_stage == 3 and s.load_path != "auto" else None),
+        Mitigation("router_loss_off", "leave out the router's load-balancing loss (output_router_logits=False)",
+                   lambda s: _changed(s, router_aux_loss=False) if s.router_aux_loss else None),
     ]
     return {m.name: m for m in items}
 
@@ -310,6 +321,8 @@ OFFLOAD_MITIGATIONS = ("zero2_offload", "zero3_offload")
 
 ARTICLE_ORDER = ("lora", "lower_rank", "shorter_sequences", "micro_batch_1", "mixed_precision", "zero2",
                  "zero2_offload", "zero3", "zero3_offload", "checkpointing")
+#: The field traps' rungs, offered after the article's ladder (``trap_rungs``).
+TRAP_ORDER = ("zero_init", "router_loss_off", "fused_loss", "expandable_segments", "adamw_8bit")
 
 
 @dataclass
@@ -373,6 +386,24 @@ def ladder(
     return rungs
 
 
+def trap_rungs(setup: TrainingSetup, estimator: Callable[[TrainingSetup], Breakdown] = estimate) -> list[Rung]:
+    """The field traps' mitigations that apply to ``setup`` (the ladder's last rung), each alone, with what it
+    saves of the step's peak per GPU (the load phase's peak is in each rung's breakdown and its fit)."""
+    available = mitigations()
+    before = estimator(setup)
+    rungs = []
+    for name in TRAP_ORDER:
+        try:
+            changed = available[name].apply(setup)
+        except SetupError:
+            changed = None
+        if changed is not None:
+            after = estimator(changed)
+            saved = before.total_bytes - after.total_bytes  # the training step's peak
+            rungs.append(Rung(name, available[name].description, changed, after, saved))
+    return rungs
+
+
 def first_advice(breakdown: Breakdown) -> str:
     """The first thing to change when a setup does not fit, following the numbers.
 
@@ -384,15 +415,24 @@ def first_advice(breakdown: Breakdown) -> str:
         return (f"the weights alone ({weights / gib:.1f} GiB per GPU) exceed the {breakdown.gpu_memory_bytes / gib:.0f} "
                 "GiB card: partition them with ZeRO-3 (--zero 3), offload them (--offload optimizer+params) or "
                 "quantize them (--method qlora) first")
+    load_note = breakdown.notes.get("load", "")
+    if breakdown.gpu_fits is False and breakdown.total_bytes <= (breakdown.gpu_memory_bytes or 0):
+        return (f"the step fits but loading the weights needs {breakdown.peak_gpu_bytes / gib:.1f} GiB per GPU "
+                f"({load_note}): load under zero.Init (ZeRO-3; an MXFP4 checkpoint as a bf16 copy with --load-path "
+                "zero_init) or use larger GPUs")
+    if breakdown.host_fits is False and breakdown.peak_host_bytes > breakdown.host_bytes:
+        return (f"loading the weights needs {breakdown.peak_host_bytes / gib:.1f} GiB of host RAM per node "
+                f"({load_note}): load under zero.Init (ZeRO-3, --load-path auto), or fewer ranks per node")
     if breakdown.host_fits is False and breakdown.gpu_fits:
         return (f"host RAM is short ({breakdown.host_bytes / gib:.1f} GiB offloaded per node of "
                 f"{breakdown.host_memory_bytes / gib:.1f}): offload less, or use more nodes")
     return f"largest category: {breakdown.largest_category()} -- attack that first"
 
 
-def as_json(result: PlanResult, rungs: list[Rung]) -> dict:
+def as_json(result: PlanResult, rungs: list[Rung], traps: Sequence[Rung] = ()) -> dict:
     """The ``moekit plan --json`` document."""
     return {
+        "traps": [r.as_dict() for r in traps],
         "fits": [c.as_dict() for c in result.fits],
         "closest": result.closest.as_dict(),
         "verdict": result.verdict(),

@@ -23,6 +23,12 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 OFFLOAD_DEVICES = ("cpu", "nvme")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+#: How the weights reach the GPUs (moekit.traps.load_phase); "auto" follows the method, stage and checkpoint.
+LOAD_PATHS = ("auto", "from_pretrained", "zero_init", "4bit", "mxfp4_dequant")
+#: The language-model loss: transformers' (fp32 logits), chunked or fused linear-cross-entropy.
+LOSS_IMPLS = ("hf", "chunked", "fused")
+#: AdamW with fp32 moments, bitsandbytes' 8-bit AdamW, or its paged 32-bit AdamW.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw")
 
 #: GPU memory is given in GB as GPUs are sold; NVIDIA's "40GB" is 40 GiB (40,960 MiB in nvidia-smi).
 BYTES_PER_GB = 2**30
@@ -89,13 +95,25 @@ class TrainingSetup:
     activation_checkpointing: bool = False
     packing: bool = True
     attn_implementation: Attention = "sdpa"
+    #: transformers' router load-balancing loss (output_router_logits); None: what the model's config says.
+    router_aux_loss: bool | None = None
+    load_path: str = "auto"
+    loss_impl: str = "hf"
+    optimizer: str = "adamw"
+    #: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows segments instead of
+    #: reserving new ones, so its reserve over the allocated peak shrinks to page rounding.
+    expandable_segments: bool = False
 
     def __post_init__(self) -> None:
         _check_type("model", self.model, str, "a preset name such as 'mixtral-8x7b' or a local folder")
         _check_type("lora", self.lora, LoraSpec, "LoraSpec(r=16, alpha=32)")
-        for name in ("activation_checkpointing", "packing"):
+        for name in ("activation_checkpointing", "packing", "expandable_segments"):
             _check_type(name, getattr(self, name), bool, "True or False")
         _check_type("nvme_path", self.nvme_path, (str, type(None)), "a folder path or None")
+        _check_type("router_aux_loss", self.router_aux_loss, (bool, type(None)), "True, False or None (the config's)")
+        _check_choice("load_path", self.load_path, LOAD_PATHS)
+        _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("method", self.method, METHODS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("offload", self.offload, OFFLOADS)
@@ -117,6 +135,17 @@ class TrainingSetup:
             raise SetupError("offload_device='nvme' needs nvme_path (--nvme-path), a folder on a fast local disk.")
         if self.method == "qlora" and self.precision == "fp32":
             raise SetupError("QLoRA computes in 16 bits; use precision='bf16' (or 'fp16').")
+        if self.load_path == "4bit" and self.method != "qlora":
+            raise SetupError("load_path='4bit' loads a QLoRA base; use method='qlora' or another load_path.")
+        if self.method == "qlora" and self.load_path not in ("auto", "4bit"):
+            raise SetupError(f"QLoRA loads its base in 4 bits; use load_path='auto' or '4bit', not '{self.load_path}'.")
+        if self.load_path == "zero_init" and self.zero_stage != 3:
+            raise SetupError("load_path='zero_init' partitions at load, which only ZeRO-3 does; use zero_stage=3.")
+        if self.optimizer != "adamw" and self.offload != "none":
+            raise SetupError(
+                f"optimizer='{self.optimizer}' runs on the GPU; DeepSpeed's offload steps with its own CPU Adam: "
+                "use optimizer='adamw' with offload, or offload='none'."
+            )
         if self.method == "qlora" and self.zero_stage == 3:
             raise SetupError(
                 "QLoRA's 4-bit base weights cannot be partitioned by ZeRO-3 here; use zero_stage<=2."
@@ -191,8 +220,13 @@ class TrainingSetup:
         method = self.method if not self.uses_lora else f"{self.method} r={self.lora.r} on {'+'.join(self.lora.targets)}"
         offload = "" if self.offload == "none" else f" +offload {self.offload}"
         ckpt = " +ckpt" if self.activation_checkpointing else ""
+        traps = "".join(f" +{text}" for on, text in (
+            (self.optimizer != "adamw", self.optimizer), (self.loss_impl != "hf", f"{self.loss_impl} loss"),
+            (self.router_aux_loss is not None, f"router loss {'on' if self.router_aux_loss else 'off'}"),
+            (self.expandable_segments, "expandable segments"), (self.load_path != "auto", f"load {self.load_path}"),
+        ) if on)
         return (
-            f"{self.model} {method} {self.precision} ZeRO-{self.zero_stage}{offload}{ckpt} "
+            f"{self.model} {method} {self.precision} ZeRO-{self.zero_stage}{offload}{ckpt}{traps} "
             f"seq {self.seq_len} x mb {self.micro_batch} on {self.num_nodes}x{self.gpus_per_node} "
             f"x {self.gpu_memory_gb:g} GB"
         )

@@ -71,6 +71,10 @@ def ds_config(setup: TrainingSetup, preset: str | None = None, *, global_batch: 
     }
     if setup.offload_device == "nvme" and setup.offload != "none":
         config["aio"] = aio_section()
+    if setup.optimizer != "adamw":
+        # bitsandbytes' AdamW8bit / PagedAdamW are no DeepSpeed optimizer type: the training script passes one
+        # to deepspeed.initialize(optimizer=...), which ZeRO accepts only with this flag (not with offload).
+        config["zero_allow_untested_optimizer"] = True
     return config
 
 

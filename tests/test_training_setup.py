@@ -36,6 +36,14 @@ def test_setup_is_immutable_and_replace_validates():
         ({"offload_device": "nvme", "offload": "optimizer"}, "needs nvme_path"),
         ({"method": "qlora", "precision": "fp32"}, "QLoRA computes in 16 bits"),
         ({"gpu_memory_gb": 0}, "gpu_memory_gb must be positive"),
+        ({"router_aux_loss": "yes"}, "router_aux_loss must be True, False or None"),
+        ({"expandable_segments": 1}, "expandable_segments must be True or False"),
+        ({"load_path": "mmap"}, "load_path must be one of auto, from_pretrained"),
+        ({"loss_impl": "liger"}, "loss_impl must be one of hf, chunked, fused"),
+        ({"optimizer": "sgd"}, "optimizer must be one of adamw, adamw_8bit, paged_adamw"),
+        ({"load_path": "4bit"}, "use method='qlora' or another load_path"),
+        ({"method": "qlora", "load_path": "from_pretrained"}, "QLoRA loads its base in 4 bits"),
+        ({"load_path": "zero_init"}, "only ZeRO-3 does"),
     ],
 )
 def test_invalid_setups_say_what_to_change(changes, message):
