@@ -88,11 +88,11 @@ class Breakdown:
         problems = []
         if not self.gpu_fits:
             when = " to load the weights" if self.peak_gpu_bytes > self.total_bytes else ""
-            problems.append(f"GPU needs {self.peak_gpu_bytes / GiB:.1f} GiB of {self.gpu_memory_bytes / GiB:.1f}{when}")
+            problems.append(f"GPU needs {self.peak_gpu_bytes / GiB:.1f} GiB of {self.gpu_memory_bytes / GiB:.1f} GiB{when}")
         if self.host_fits is False:
             when = " to load the weights" if self.peak_host_bytes > self.host_bytes else ""
             problems.append(f"host RAM needs {self.peak_host_bytes / GiB:.1f} GiB of "
-                            f"{self.host_memory_bytes / GiB:.1f}{when}")
+                            f"{self.host_memory_bytes / GiB:.1f} GiB{when}")
         return "fits" if not problems else "DOES NOT FIT: " + "; ".join(problems)
 
     @property
