@@ -27,12 +27,11 @@ from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.launch import free_port
 from moekit.training_setup import TrainingSetup
+from moekit.units import GiB, MiB
 
 if TYPE_CHECKING:
     from moekit.launch import LaunchPlan
 
-GiB = 2**30
-MiB = 2**20
 
 
 class LessonError(MoekitError):
