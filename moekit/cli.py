@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from moekit.errors import Interrupted, MoekitError, RunFailure
+from moekit.run_options import RunOptions, add_run_option_flags, finite_float
 from moekit.training_setup import (
     ATTENTIONS,
     METHODS,
@@ -34,15 +34,6 @@ from moekit.training_setup import (
 # --------------------------------------------------------------------------------------------
 
 
-def finite_float(text: str) -> float:
-    """A float flag that refuses nan and inf (argparse's float accepts both)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
-    return value
 
 
 def positive_int(text: str) -> int:
@@ -581,12 +572,7 @@ def _run_ds_config(args: argparse.Namespace) -> None:
 def _add_run_flags(parser: argparse.ArgumentParser, output_flag: str) -> None:
     g = parser.add_argument_group("run")
     g.add_argument(output_flag, default="runs/moekit", help="setup, config, log and checkpoints go here (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=20, help="optimizer steps (default: %(default)s)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: only at the end (default: %(default)s)")
-    g.add_argument("--data", default=None, help="a local .txt or .jsonl file (default: moekit's bundled text)")
-    g.add_argument("--weights", default=None, help="a local Hugging Face model folder (default: seeded random weights)")
-    g.add_argument("--lr", type=finite_float, default=None, help="learning rate (default: 2e-4 LoRA, 2e-5 full)")
-    g.add_argument("--seed", type=int, default=0)
+    add_run_option_flags(g)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -609,11 +595,12 @@ def _run_train(args: argparse.Namespace) -> None:
     from moekit.train import check_train_inputs, train
 
     setup = setup_from_args(args)
-    run = dict(steps=args.steps, output_dir=args.output_dir, save_every=args.save_every, resume=not args.no_resume,
-               seed=args.seed, weights=args.weights, lr=args.lr)
-    check_train_inputs(setup, args.data, **run)  # bad input is one line before DeepSpeed even loads
+    options = RunOptions.from_args(args)
+    run = dict(steps=options.steps, output_dir=args.output_dir, save_every=options.save_every, resume=not args.no_resume,
+               seed=options.seed, weights=options.weights, lr=options.lr)
+    check_train_inputs(setup, options.data, **run)  # bad input is one line before DeepSpeed even loads
     import_deepspeed_logging_to_stderr()
-    result = train(setup, args.data, **run, check_frozen=args.check_frozen)
+    result = train(setup, options.data, **run, check_frozen=args.check_frozen)
     if result.losses:
         first, last = result.start_step + 1, result.last_step
         print(f"steps {first}-{last}: loss {result.losses[first]:.4f} -> {result.losses[last]:.4f}; log {result.log_path}")
@@ -643,13 +630,13 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_launch(args: argparse.Namespace) -> None:
-    from moekit.launch import TrainArgs, check_hosts, launch, run_plan
-    from moekit.train import check_run_folder
+    from moekit.checkpoints import check_run_folder
+    from moekit.launch import check_hosts, launch, run_plan
 
     hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts is not None else None
     if hosts is not None and not all(hosts):
         raise MoekitError(f"--hosts '{args.hosts}' has an empty name; give one host per node, e.g. node1,node2.")
-    train_args = TrainArgs(steps=args.steps, save_every=args.save_every, data=args.data, weights=args.weights, lr=args.lr, seed=args.seed)
+    train_args = RunOptions.from_args(args)
     setup = setup_from_args(args)
     check_hosts(setup, hosts, args.master_addr, args.master_port)
     check_run_folder(args.run_dir, setup, resume=True)
@@ -666,7 +653,7 @@ def _run_launch(args: argparse.Namespace) -> None:
     try:
         code = run_plan(plan, force=args.force, launcher=args.launcher)
     except KeyboardInterrupt:
-        from moekit.train import latest_checkpoint_step
+        from moekit.checkpoints import latest_checkpoint_step
 
         step = latest_checkpoint_step(plan.run_dir) or 0
         raise Interrupted(f"interrupted; rerun the same command to resume from step {step}") from None
