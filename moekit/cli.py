@@ -28,6 +28,7 @@ from moekit.training_setup import (
     LoraSpec,
     TrainingSetup,
 )
+from moekit.units import GiB
 
 # --------------------------------------------------------------------------------------------
 # Flag types: bad values are one-line usage errors
@@ -383,11 +384,11 @@ def _run_plan(args: argparse.Namespace) -> None:
     if result.fits:
         print(f"\n{'best setups that fit':<100}{'rel. s':>8}{'GiB/GPU':>9}")
         for c in result.fits:
-            print(f"{c.setup.describe():<100}{c.time.total_s:>8.1f}{c.breakdown.total_bytes / 2**30:>9.1f}")
+            print(f"{c.setup.describe():<100}{c.time.total_s:>8.1f}{c.breakdown.total_bytes / GiB:>9.1f}")
     print(f"\n{'ladder from your setup':<20}{'GiB/GPU':>9}{'saved':>9}  fits  change")
     for rung in rungs:
         print(
-            f"{rung.change:<20}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.1f}"
+            f"{rung.change:<20}{rung.breakdown.total_bytes / GiB:>9.1f}{rung.saved_bytes / GiB:>9.1f}"
             f"  {'yes ' if rung.fits else 'no  '}  {rung.description}"
         )
     for line in exported:
@@ -503,7 +504,7 @@ def _run_measure(args: argparse.Namespace) -> None:
         return
     print(f"{setup.describe()} measured on {result.device}" + (f" ({args.layers} layers)" if args.layers else ""))
     print(breakdown.table())
-    print(f"{'saved for backward':<18}{result.saved_for_backward_bytes / 2**30:>14.2f}")
+    print(f"{'saved for backward':<18}{result.saved_for_backward_bytes / GiB:>14.2f}")
     if result.snapshot_path is not None:
         print(f"allocator snapshot: {result.snapshot_path} (drop it on https://pytorch.org/memory_viz)")
 

@@ -39,8 +39,7 @@ from transformers import TrainerCallback
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.training_setup import LoraSpec, TrainingSetup
-
-GiB = 2**30
+from moekit.units import GiB
 
 
 class HfSetupError(MoekitError):

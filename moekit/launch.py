@@ -28,6 +28,7 @@ from moekit.distributed import free_port  # noqa: F401 (re-exported)
 from moekit.errors import MoekitError
 from moekit.run_options import RunOptions
 from moekit.training_setup import TrainingSetup
+from moekit.units import GiB
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -219,9 +220,8 @@ def fit_verdict(setup: TrainingSetup) -> tuple[bool | None, str]:
     except ImportError:  # estimate.py ships with moekit; a partial install may lack it
         return None, "no memory estimate available (moekit.estimate missing): the fit check is skipped"
     breakdown = estimate(setup)
-    gib = 2**30
     note = (
-        f"estimate: {breakdown.total_bytes / gib:.1f} GiB per GPU of {setup.gpu_memory_gb:g} GB -> {breakdown.verdict()}"
+        f"estimate: {breakdown.total_bytes / GiB:.1f} GiB per GPU of {setup.gpu_memory_gb:g} GB -> {breakdown.verdict()}"
         f" (largest: {breakdown.largest_category()})"
     )
     return breakdown.fits, note

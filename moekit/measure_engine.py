@@ -44,6 +44,7 @@ import torch
 from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
 from moekit.training_setup import TrainingSetup
+from moekit.units import MiB
 
 #: The phases of one micro-step, in order; each is a ``record_function`` range named ``moekit:<phase>``.
 PHASES = ("forward", "backward", "optimizer_step")
@@ -101,7 +102,7 @@ class EngineMeasurement:
 
     def table(self) -> str:
         """Each rank's peak per phase and its categories, with the estimate beside them (MiB)."""
-        unit, name = 2**20, "MiB"
+        unit, name = MiB, "MiB"
         ranks = [f"rank {r.rank}" for r in self.ranks]
         rows = [f"{self.setup.describe()}: the real DeepSpeed engine on {len(self.ranks)} {self.device} ranks, "
                 f"{self.steps} optimizer steps", f"{name:<20}" + "".join(f"{r:>12}" for r in ranks) + f"{'estimate':>12}"]

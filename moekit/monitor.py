@@ -33,6 +33,7 @@ from typing import Literal, Protocol
 import psutil
 
 from moekit.errors import MoekitError
+from moekit.units import GiB, MiB
 
 Kind = Literal["gpu", "process", "host"]
 SourceName = Literal["auto", "gpu", "process", "host"]
@@ -192,9 +193,9 @@ def open_source(
 
 def format_bytes(num_bytes: float) -> str:
     """GiB from 1 GiB up, MiB below: '31.2 GiB', '341 MiB'."""
-    if num_bytes >= 2**30:
-        return f"{num_bytes / 2**30:.1f} GiB"
-    return f"{num_bytes / 2**20:.0f} MiB"
+    if num_bytes >= GiB:
+        return f"{num_bytes / GiB:.1f} GiB"
+    return f"{num_bytes / MiB:.0f} MiB"
 
 
 def format_line(samples: Sequence[MemorySample], peaks: dict[str, int] | None = None) -> str:

@@ -99,6 +99,7 @@ from moekit.guard import (
 )
 from moekit.run_options import DEFAULT_LR, RunOptions, add_run_option_flags  # noqa: F401 (DEFAULT_LR re-exported)
 from moekit.training_setup import TrainingSetup
+from moekit.units import GiB
 
 
 class TrainingFailed(TrainingError, RunFailure):
@@ -236,10 +237,9 @@ def check_fits_this_machine(setup: TrainingSetup) -> None:
     need = int(rough_step_bytes(setup) * _FIT_MARGIN) * local_ranks
     free = psutil.virtual_memory().available
     if need > free:
-        gib = 2**30
         raise TrainingError(
-            f"training {setup.describe()} here needs roughly {need / gib:.1f} GiB of RAM for {local_ranks} CPU rank(s) "
-            f"but {free / gib:.1f} GiB is available; train a small preset here (--model tiny or small) or run on GPUs "
+            f"training {setup.describe()} here needs roughly {need / GiB:.1f} GiB of RAM for {local_ranks} CPU rank(s) "
+            f"but {free / GiB:.1f} GiB is available; train a small preset here (--model tiny or small) or run on GPUs "
             "(moekit launch)."
         )
 
