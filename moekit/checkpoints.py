@@ -32,7 +32,7 @@ def save_setup(setup: TrainingSetup, path: str | Path) -> Path:
 def load_setup(path: str | Path) -> TrainingSetup:
     path = Path(path)
     if not path.is_file():
-        raise TrainingError(f"setup file {path} does not exist; write one with moekit.train.save_setup(setup, path).")
+        raise TrainingError(f"setup file {path} does not exist; write one with moekit.checkpoints.save_setup(setup, path).")
     try:
         return TrainingSetup.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError) as err:  # bad JSON, not UTF-8, wrong field types

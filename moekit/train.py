@@ -9,7 +9,9 @@ What a run does, in order: build the model (seeded random weights for a preset, 
 folder), apply LoRA, mark MoE blocks as ZeRO-3 leaf modules, enable activation checkpointing when
 asked, ``deepspeed.initialize``, then step through batches whose order is fixed by the step counter,
 logging loss and memory per step to ``log.jsonl``, saving checkpoints every ``save_every`` steps and
-resuming from the latest one.
+resuming from the latest one. This module keeps the loop; the model is built in ``moekit.build``, the
+process group lives in ``moekit.distributed``, the run folder and checkpoints in ``moekit.checkpoints``
+and the run options in ``moekit.run_options`` (their names stay importable from here).
 
 **The training guard.** A falling loss proves little: attention adapters can carry the loss down while
 the expert adapters never change. After the first optimizer step and at every checkpoint the guard
@@ -427,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One rank of a moekit training run; start it with `deepspeed --num_gpus N --module moekit.train ...` "
         "or `torchrun --nproc_per_node N -m moekit.train ...` (moekit launch prints the exact command).",
     )
-    p.add_argument("--setup-json", required=True, help="the TrainingSetup as JSON (moekit.train.save_setup)")
+    p.add_argument("--setup-json", required=True, help="the TrainingSetup as JSON (moekit.checkpoints.save_setup)")
     p.add_argument("--output-dir", default="runs/moekit", help="log, checkpoints and weights go here (default: %(default)s)")
     add_run_option_flags(p)
     p.add_argument("--ds-config", default=None, help="a DeepSpeed JSON to use instead of the one built from the setup")
