@@ -24,7 +24,7 @@ def census_seconds(model: str) -> float:
     """Seconds for the exact census of a preset built on the meta device, after transformers' imports."""
     import importlib
 
-    from moekit.arch import causal_lm_class
+    from moekit.configs import causal_lm_class
     from moekit.models import load_config, parameter_census
 
     importlib.import_module(causal_lm_class(load_config(model)).__module__)  # the one-time import

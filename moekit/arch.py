@@ -368,7 +368,7 @@ def read_arch(model: torch.nn.Module) -> Arch:
 def _arch_of_config_json(config_json: str) -> Arch:
     import torch
 
-    from moekit.models import build_model, config_from_dict
+    from moekit.configs import build_model, config_from_dict
 
     config = config_from_dict(json.loads(config_json), "config")
     return read_arch(build_model(config, "meta", dtype=torch.bfloat16, attn_implementation=None))
@@ -376,25 +376,10 @@ def _arch_of_config_json(config_json: str) -> Arch:
 
 def arch_of(model: str | PretrainedConfig) -> Arch:
     """The architecture of a preset, folder or config (built on meta once per config, then cached)."""
-    from moekit.models import as_config
+    from moekit.configs import as_config
 
     config = as_config(model)
     return _arch_of_config_json(json.dumps(config.to_dict(), sort_keys=True, default=str))
-
-
-def causal_lm_class(config: PretrainedConfig) -> type:
-    """The transformers class AutoModelForCausalLM builds for this config."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM._model_mapping[type(config)]
-
-
-def attention_implementation(config: PretrainedConfig, requested: str | None) -> str:
-    """The attention kernel a run really gets: families without an SDPA path (gpt-oss, whose sinks
-    SDPA cannot take) run eager attention when SDPA is asked for, as transformers' default does."""
-    if requested in (None, "sdpa") and not getattr(causal_lm_class(config), "_supports_sdpa", True):
-        return "eager"
-    return requested or "sdpa"
 
 
 def measure_norm(norm_class: type) -> tuple[tuple[int, bool, float, float], ...]:

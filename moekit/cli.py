@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from moekit.errors import Interrupted, MoekitError, RunFailure
+from moekit.run_options import RunOptions, add_run_option_flags, finite_float
 from moekit.training_setup import (
     ATTENTIONS,
     LOAD_PATHS,
@@ -31,21 +31,13 @@ from moekit.training_setup import (
     LoraSpec,
     TrainingSetup,
 )
+from moekit.units import GiB
 
 # --------------------------------------------------------------------------------------------
 # Flag types: bad values are one-line usage errors
 # --------------------------------------------------------------------------------------------
 
 
-def finite_float(text: str) -> float:
-    """A float flag that refuses nan and inf (argparse's float accepts both)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
-    return value
 
 
 def positive_int(text: str) -> int:
@@ -432,17 +424,17 @@ def _run_plan(args: argparse.Namespace) -> None:
     if result.fits:
         print(f"\n{'best setups that fit':<100}{'rel. s':>8}{'GiB/GPU':>9}")
         for c in result.fits:
-            print(f"{c.setup.describe():<100}{c.time.total_s:>8.1f}{c.breakdown.total_bytes / 2**30:>9.1f}")
+            print(f"{c.setup.describe():<100}{c.time.total_s:>8.1f}{c.breakdown.total_bytes / GiB:>9.1f}")
     print(f"\n{'ladder from your setup':<20}{'GiB/GPU':>9}{'saved':>9}  fits  change")
     for rung in rungs:
         print(
-            f"{rung.change:<20}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.1f}"
+            f"{rung.change:<20}{rung.breakdown.total_bytes / GiB:>9.1f}{rung.saved_bytes / GiB:>9.1f}"
             f"  {'yes ' if rung.fits else 'no  '}  {rung.description}"
         )
     if traps:
         print(f"\n{'field traps (each alone, from the last rung)':<44}{'GiB/GPU':>9}{'saved':>9}  change")
         for rung in traps:
-            print(f"{rung.change:<44}{rung.breakdown.total_bytes / 2**30:>9.1f}{rung.saved_bytes / 2**30:>9.2f}"
+            print(f"{rung.change:<44}{rung.breakdown.total_bytes / GiB:>9.1f}{rung.saved_bytes / GiB:>9.2f}"
                   f"  {rung.description}")
     for line in exported:
         print(line)
@@ -559,7 +551,7 @@ def _run_measure(args: argparse.Namespace) -> None:
         return
     print(f"{setup.describe()} measured on {result.device}" + (f" ({args.layers} layers)" if args.layers else ""))
     print(breakdown.table())
-    print(f"{'saved for backward':<18}{result.saved_for_backward_bytes / 2**30:>14.2f}")
+    print(f"{'saved for backward':<18}{result.saved_for_backward_bytes / GiB:>14.2f}")
     if result.snapshot_path is not None:
         print(f"allocator snapshot: {result.snapshot_path} (drop it on https://pytorch.org/memory_viz)")
 
@@ -628,12 +620,7 @@ def _run_ds_config(args: argparse.Namespace) -> None:
 def _add_run_flags(parser: argparse.ArgumentParser, output_flag: str) -> None:
     g = parser.add_argument_group("run")
     g.add_argument(output_flag, default="runs/moekit", help="setup, config, log and checkpoints go here (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=20, help="optimizer steps (default: %(default)s)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: only at the end (default: %(default)s)")
-    g.add_argument("--data", default=None, help="a local .txt or .jsonl file (default: moekit's bundled text)")
-    g.add_argument("--weights", default=None, help="a local Hugging Face model folder (default: seeded random weights)")
-    g.add_argument("--lr", type=finite_float, default=None, help="learning rate (default: 2e-4 LoRA, 2e-5 full)")
-    g.add_argument("--seed", type=int, default=0)
+    add_run_option_flags(g)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -657,11 +644,12 @@ def _run_train(args: argparse.Namespace) -> None:
 
     setup = setup_from_args(args)
     refuse_estimate_only_knobs(setup, "train")
-    run = dict(steps=args.steps, output_dir=args.output_dir, save_every=args.save_every, resume=not args.no_resume,
-               seed=args.seed, weights=args.weights, lr=args.lr)
-    check_train_inputs(setup, args.data, **run)  # bad input is one line before DeepSpeed even loads
+    options = RunOptions.from_args(args)
+    run = dict(steps=options.steps, output_dir=args.output_dir, save_every=options.save_every, resume=not args.no_resume,
+               seed=options.seed, weights=options.weights, lr=options.lr)
+    check_train_inputs(setup, options.data, **run)  # bad input is one line before DeepSpeed even loads
     import_deepspeed_logging_to_stderr()
-    result = train(setup, args.data, **run, check_frozen=args.check_frozen)
+    result = train(setup, options.data, **run, check_frozen=args.check_frozen)
     if result.losses:
         first, last = result.start_step + 1, result.last_step
         print(f"steps {first}-{last}: loss {result.losses[first]:.4f} -> {result.losses[last]:.4f}; log {result.log_path}")
@@ -691,13 +679,13 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_launch(args: argparse.Namespace) -> None:
-    from moekit.launch import TrainArgs, check_hosts, launch, run_plan
-    from moekit.train import check_run_folder
+    from moekit.checkpoints import check_run_folder
+    from moekit.launch import check_hosts, launch, run_plan
 
     hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts is not None else None
     if hosts is not None and not all(hosts):
         raise MoekitError(f"--hosts '{args.hosts}' has an empty name; give one host per node, e.g. node1,node2.")
-    train_args = TrainArgs(steps=args.steps, save_every=args.save_every, data=args.data, weights=args.weights, lr=args.lr, seed=args.seed)
+    train_args = RunOptions.from_args(args)
     setup = setup_from_args(args)
     refuse_estimate_only_knobs(setup, "launch")
     check_hosts(setup, hosts, args.master_addr, args.master_port)
@@ -715,7 +703,7 @@ def _run_launch(args: argparse.Namespace) -> None:
     try:
         code = run_plan(plan, force=args.force, launcher=args.launcher)
     except KeyboardInterrupt:
-        from moekit.train import latest_checkpoint_step
+        from moekit.checkpoints import latest_checkpoint_step
 
         step = latest_checkpoint_step(plan.run_dir) or 0
         raise Interrupted(f"interrupted; rerun the same command to resume from step {step}") from None

@@ -12,3 +12,7 @@ class RunFailure(MoekitError):
 
 class Interrupted(RunFailure):
     """Ctrl-C during a run; the message says where it stopped and how to resume (the CLI exits with 130)."""
+
+
+class TrainingError(MoekitError):
+    """A training run that cannot start or continue as asked; the message says what to change."""

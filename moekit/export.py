@@ -48,7 +48,7 @@ def hf_ds_config(setup: TrainingSetup) -> dict:
 def training_arguments(setup: TrainingSetup, *, output_dir: str = "runs/hf", deepspeed: str | None = None,
                        learning_rate: float | None = None) -> dict:
     """Keyword arguments of ``transformers.TrainingArguments`` for this setup (JSON-ready)."""
-    from moekit.train import DEFAULT_LR
+    from moekit.run_options import DEFAULT_LR
     from moekit.zero import GRADIENT_CLIPPING
 
     arguments = {
@@ -73,7 +73,7 @@ def training_arguments(setup: TrainingSetup, *, output_dir: str = "runs/hf", dee
 
 def export_hf(setup: TrainingSetup, folder: str | Path, *, learning_rate: float | None = None) -> dict[str, Path]:
     """Write training_args.json, sft_config.json, ds_config.json, setup.json and (LoRA) adapter_config.json."""
-    from moekit.train import save_setup
+    from moekit.checkpoints import save_setup
 
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,7 @@ from transformers import TrainerCallback
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.training_setup import LoraSpec, TrainingSetup
-
-GiB = 2**30
+from moekit.units import GiB
 
 
 class HfSetupError(MoekitError):
@@ -426,7 +425,7 @@ def release_shm_if_distributed() -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or "deepspeed" not in sys.modules:
         return
-    from moekit.train import release_shm_allreduce_buffer
+    from moekit.distributed import release_shm_allreduce_buffer
 
     release_shm_allreduce_buffer()
 
@@ -478,8 +477,8 @@ def example_trainer(setup: TrainingSetup, output_dir: str | Path, *, trl: bool =
     """
     from transformers import Trainer, TrainingArguments
 
+    from moekit.build import prepare_model
     from moekit.models import build_model
-    from moekit.train import prepare_model
 
     model = prepare_model(build_model(setup.model, "cpu", seed=seed, attn_implementation=setup.attn_implementation), setup)
     dataset = example_dataset(setup.seq_len, model.config.vocab_size)

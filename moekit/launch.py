@@ -16,27 +16,23 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moekit.distributed import free_port  # noqa: F401 (re-exported)
 from moekit.errors import MoekitError
+from moekit.run_options import RunOptions
 from moekit.training_setup import TrainingSetup
+from moekit.units import GiB
 
 DEFAULT_MASTER_PORT = 29500
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it), so two runs on one machine do not collide."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 TRAIN_MODULE = "moekit.train"
 
 
@@ -44,42 +40,8 @@ class LaunchError(MoekitError):
     """A launch that would fail or does not fit; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class TrainArgs:
-    """What the training script gets besides the setup (see ``moekit.train.train``)."""
-
-    steps: int = 20
-    save_every: int = 0
-    data: str | None = None
-    weights: str | None = None
-    lr: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        """The one check of a run's arguments (``moekit train``, ``moekit launch`` and ``train()`` use it)."""
-        for name, minimum, meaning in (("steps", 1, "a positive number of optimizer steps"),
-                                       ("save_every", 0, "0 (only at the end) or a positive number of steps"),
-                                       ("seed", 0, "a whole number >= 0")):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise LaunchError(f"{name} must be {meaning}, got {value!r}.")
-        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
-                                    or not math.isfinite(self.lr) or self.lr <= 0):
-            raise LaunchError(f"the learning rate must be a finite positive number, got {self.lr!r}; e.g. 2e-4 for LoRA.")
-        for name in ("data", "weights"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (str, os.PathLike)):
-                raise LaunchError(f"{name} must be a path, got {value!r}.")
-
-    def argv(self) -> list[str]:
-        args = ["--steps", str(self.steps), "--save-every", str(self.save_every), "--seed", str(self.seed)]
-        if self.data is not None:
-            args += ["--data", str(self.data)]
-        if self.weights is not None:
-            args += ["--weights", str(self.weights)]
-        if self.lr is not None:
-            args += ["--lr", repr(self.lr)]
-        return args
+#: What the training script gets besides the setup; one declaration for cli, train and launch.
+TrainArgs = RunOptions
 
 
 @dataclass
@@ -91,7 +53,7 @@ class LaunchPlan:
     hosts: list[str]
     master_addr: str
     master_port: int
-    train_args: TrainArgs
+    train_args: RunOptions
     ds_config: dict
     fit_note: str = ""
     fits: bool | None = None
@@ -156,7 +118,7 @@ class LaunchPlan:
 
     def write(self) -> dict[str, Path]:
         """Write the setup, the DeepSpeed config and (several nodes) the hostfile into run_dir."""
-        from moekit.train import check_run_folder, save_setup
+        from moekit.checkpoints import check_run_folder, save_setup
 
         check_run_folder(self.run_dir, self.setup, resume=True)  # never overwrite another run's setup
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,18 +157,17 @@ def launch(
     hosts: list[str] | None = None,
     master_addr: str | None = None,
     master_port: int = DEFAULT_MASTER_PORT,
-    train_args: TrainArgs | None = None,
+    train_args: RunOptions | None = None,
     preset: str | None = None,
     check_fit: bool = True,
 ) -> LaunchPlan:
     """The plan (files and commands) for a run of this setup; nothing is written or started."""
-    from moekit.train import DEFAULT_LR, training_config
+    from moekit.train import training_config
     from moekit.zero import ds_config
 
     hosts = check_hosts(setup, hosts, master_addr, master_port)
-    train_args = train_args or TrainArgs()
-    lr = train_args.lr if train_args.lr is not None else DEFAULT_LR[setup.method]
-    config = training_config(setup, lr, ds_config(setup, preset))
+    train_args = train_args or RunOptions()
+    config = training_config(setup, train_args.learning_rate(setup.method), ds_config(setup, preset))
     plan = LaunchPlan(setup, Path(run_dir), hosts, master_addr or hosts[0], master_port, train_args, config)
     if check_fit:
         plan.fits, plan.fit_note = fit_verdict(setup)
@@ -259,9 +220,8 @@ def fit_verdict(setup: TrainingSetup) -> tuple[bool | None, str]:
     except ImportError:  # estimate.py ships with moekit; a partial install may lack it
         return None, "no memory estimate available (moekit.estimate missing): the fit check is skipped"
     breakdown = estimate(setup)
-    gib = 2**30
     note = (
-        f"estimate: {breakdown.total_bytes / gib:.1f} GiB per GPU of {setup.gpu_memory_gb:g} GB -> {breakdown.verdict()}"
+        f"estimate: {breakdown.total_bytes / GiB:.1f} GiB per GPU of {setup.gpu_memory_gb:g} GB -> {breakdown.verdict()}"
         f" (largest: {breakdown.largest_category()})"
     )
     return breakdown.fits, note

@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from moekit.breakdown import Breakdown
+from moekit.distributed import free_port
 from moekit.errors import MoekitError
-from moekit.launch import free_port
 from moekit.training_setup import TrainingSetup
+from moekit.units import GiB, MiB
 
 if TYPE_CHECKING:
     from moekit.launch import LaunchPlan
 
-GiB = 2**30
-MiB = 2**20
 
 
 class LessonError(MoekitError):
@@ -155,10 +154,11 @@ def short_run_plan(
     weights: a local Hugging Face model folder (default: seeded random weights of the preset).
     data: a .txt or .jsonl file of training text (default: the bundled text).
     """
-    from moekit.launch import TrainArgs, launch
+    from moekit.launch import launch
+    from moekit.run_options import RunOptions
 
-    train_args = TrainArgs(steps=steps, lr=lr, seed=seed, weights=None if weights is None else str(weights),
-                           data=None if data is None else str(data))
+    train_args = RunOptions(steps=steps, lr=lr, seed=seed, weights=None if weights is None else str(weights),
+                            data=None if data is None else str(data))
     return launch(setup, run_dir=run_dir, master_port=free_port(), train_args=train_args, check_fit=check_fit)
 
 
@@ -216,7 +216,7 @@ def start_training(plan: LaunchPlan) -> StartedRun:
 
 def finish_training(run: StartedRun, *, timeout_s: float = 600) -> TrainingRun:
     """Wait for a run started by ``start_training`` (kill it after timeout_s) and read its log and guard checks."""
-    from moekit.train import read_log
+    from moekit.checkpoints import read_log
 
     try:
         run.process.wait(timeout=timeout_s)

@@ -44,6 +44,7 @@ import torch
 from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
 from moekit.training_setup import TrainingSetup
+from moekit.units import MiB
 
 #: The phases of one micro-step, in order; each is a ``record_function`` range named ``moekit:<phase>``.
 PHASES = ("forward", "backward", "optimizer_step")
@@ -101,7 +102,7 @@ class EngineMeasurement:
 
     def table(self) -> str:
         """Each rank's peak per phase and its categories, with the estimate beside them (MiB)."""
-        unit, name = 2**20, "MiB"
+        unit, name = MiB, "MiB"
         ranks = [f"rank {r.rank}" for r in self.ranks]
         rows = [f"{self.setup.describe()}: the real DeepSpeed engine on {len(self.ranks)} {self.device} ranks, "
                 f"{self.steps} optimizer steps", f"{name:<20}" + "".join(f"{r:>12}" for r in ranks) + f"{'estimate':>12}"]
@@ -173,8 +174,8 @@ def measure_engine(
 
 def _measure_in(setup: TrainingSetup, folder: Path, steps: int, seed: int, progress: bool, timeout_s: float,
                 device: str, estimated: Breakdown) -> EngineMeasurement:
-    from moekit.launch import free_port
-    from moekit.train import save_setup
+    from moekit.checkpoints import save_setup
+    from moekit.distributed import free_port
 
     folder.mkdir(parents=True, exist_ok=True)
     setup_path = save_setup(setup, folder / "setup.json")
@@ -502,18 +503,10 @@ def _rank_figures(recorder: _Recorder, weights_bytes: int) -> dict:
 
 def run_rank(setup: TrainingSetup, out_dir: Path, steps: int, seed: int) -> None:
     """This rank: build and initialize like ``moekit.train``, run the steps under the recorder, write the figures."""
-    from moekit.train import (
-        DEFAULT_LR,
-        _initialize,
-        _peft_config,
-        build_base_model,
-        close_process_group,
-        init_distributed,
-        prepare_model,
-        setup_for_world,
-        training_config,
-        zero3_build_context,
-    )
+    from moekit.build import build_base_model, peft_config_for, prepare_model, zero3_build_context
+    from moekit.distributed import close_process_group, init_distributed
+    from moekit.run_options import DEFAULT_LR
+    from moekit.train import _initialize, setup_for_world, training_config
 
     rank, world_size = init_distributed()
     run_setup = setup_for_world(setup, world_size)
@@ -524,7 +517,7 @@ def run_rank(setup: TrainingSetup, out_dir: Path, steps: int, seed: int) -> None
     progress = out_dir / f"progress.rank{rank}"
     zero_init = run_setup.zero_stage == 3
     config = training_config(run_setup, DEFAULT_LR[run_setup.method])
-    lora_config = _peft_config(run_setup) if zero_init and run_setup.uses_lora else None
+    lora_config = peft_config_for(run_setup) if zero_init and run_setup.uses_lora else None
     with recorder.running():
         with zero3_build_context(config, zero_init):
             model = prepare_model(build_base_model(run_setup, None, seed), run_setup, lora_config)
@@ -569,13 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     stderr = open(out_dir / f"rank{rank}.stderr", "w")  # noqa: SIM115 (fd 2 points at it until exit)
     os.dup2(stderr.fileno(), 2)
     sys.stderr = stderr
-    from moekit.train import load_setup
+    from moekit.checkpoints import load_setup
 
     run_rank(load_setup(args.setup_json), out_dir, args.steps, args.seed)
     return 0
 
 
 if __name__ == "__main__":
-    from moekit.train import exit_now
+    from moekit.distributed import exit_now
 
     exit_now(main())

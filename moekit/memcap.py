@@ -63,8 +63,8 @@ from typing import Literal
 from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.training_setup import TrainingSetup
+from moekit.units import GiB, KiB, MiB
 
-MiB = 2**20
 Device = Literal["auto", "cpu", "cuda"]
 CpuCap = Literal["watchdog", "rlimit"]
 
@@ -439,7 +439,7 @@ CUDA_OOM_MESSAGE_SHAPE = (
 )
 
 _TRIED_TO_ALLOCATE = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)\b")
-_UNITS = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}
+_UNITS = {"GiB": GiB, "MiB": MiB, "KiB": KiB, "B": 1}
 
 
 def requested_bytes(cuda_oom_message: str) -> int:

@@ -13,9 +13,9 @@ takes about 1.4 ms (the host's RAM: 0.1 ms), i.e. 0.3% of one core at 0.5 s; a t
 the ``small`` preset (0.25 s per step) ran at the same speed without a monitor, with one at
 0.5 s, and with one at 0.05 s (medians 0.250, 0.248, 0.251 s per step: within the noise).
 
-In a notebook, ``monitor.live_figure()`` is a plotly ``FigureWidget`` that the thread keeps up
-to date (at most the last ``LIVE_POINTS`` points per line are sent); ``monitor.figure()`` is a
-static chart of every sample.
+The charts live in ``moekit.viz`` (this module draws nothing, so it never imports plotly):
+``viz.live_monitor_figure(monitor)`` is a plotly ``FigureWidget`` that the thread keeps up to date,
+``viz.monitor_figure(monitor.samples)`` a static chart of every sample.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ from typing import Literal, Protocol
 import psutil
 
 from moekit.errors import MoekitError
+from moekit.units import GiB, MiB
 
 Kind = Literal["gpu", "process", "host"]
 SourceName = Literal["auto", "gpu", "process", "host"]
 
 #: Samples kept per monitor; older ones are dropped (about 14 hours of 8 GPUs at 0.5 s).
 MAX_SAMPLES = 800_000
-#: Points per line sent to a live chart; the oldest are dropped so updates stay small.
-LIVE_POINTS = 2_000
 
 
 class MonitorError(MoekitError):
@@ -194,9 +193,9 @@ def open_source(
 
 def format_bytes(num_bytes: float) -> str:
     """GiB from 1 GiB up, MiB below: '31.2 GiB', '341 MiB'."""
-    if num_bytes >= 2**30:
-        return f"{num_bytes / 2**30:.1f} GiB"
-    return f"{num_bytes / 2**20:.0f} MiB"
+    if num_bytes >= GiB:
+        return f"{num_bytes / GiB:.1f} GiB"
+    return f"{num_bytes / MiB:.0f} MiB"
 
 
 def format_line(samples: Sequence[MemorySample], peaks: dict[str, int] | None = None) -> str:
@@ -373,32 +372,10 @@ class MemoryMonitor:
         """The latest poll as one compact terminal line, with each peak so far."""
         return format_line(self.latest, self.peak_bytes())
 
-    def figure(self):
-        """A static plotly figure of every sample so far."""
-        from moekit.viz import monitor_figure
 
-        return monitor_figure(self.samples)
-
-    def live_figure(self):
-        """A plotly ``FigureWidget`` that this monitor's thread updates after every poll (notebooks)."""
-        import plotly.graph_objects as go
-
-        widget = go.FigureWidget(self.figure())
-        self.add_listener(lambda _samples: update_live_figure(widget, self.samples))
-        return widget
-
-
-def update_live_figure(widget, samples: Sequence[MemorySample]) -> None:
-    """Refresh a live chart's lines with the latest samples (adds a line for a new GPU or process)."""
-    from moekit.viz import samples_by_label
-
-    with widget.batch_update():
-        traces = {trace.name: trace for trace in widget.data}
-        for label, points in samples_by_label(samples).items():
-            points = points[-LIVE_POINTS:]
-            x = [p.time_s for p in points]
-            y = [p.used_bytes / 2**30 for p in points]
-            if label in traces:
-                traces[label].x, traces[label].y = x, y
-            else:
-                widget.add_scatter(name=label, x=x, y=y, mode="lines")
+def samples_by_label(samples: Sequence[MemorySample]) -> dict[str, list[MemorySample]]:
+    """Samples by label, in the order the labels first appear."""
+    series: dict[str, list[MemorySample]] = {}
+    for sample in samples:
+        series.setdefault(sample.label, []).append(sample)
+    return series

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from moekit.breakdown import Breakdown, GiB
+from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
-from moekit.step import DTYPES, run_step
+from moekit.step import run_step
 from moekit.training_setup import TrainingSetup
+from moekit.units import GiB, width
 
 #: Rough bytes saved per token per decoder layer, in units of hidden size x dtype width / 2
 #: (REFERENCE: about 85h for Mixtral in bf16 without checkpointing); used only for the fit check.
@@ -68,15 +69,15 @@ def rough_step_bytes(setup: TrainingSetup, num_layers: int | None = None) -> int
 
     config = config_with_layers(as_config(setup.model), num_layers)
     census = parameter_census(config)
-    width = DTYPES[setup.precision].itemsize
+    num_bytes = width(setup.precision)
     num_trainable = census.num_params if setup.method == "full" else census.num_params // 100
     tokens = setup.micro_batch * setup.seq_len
     layers = config.num_hidden_layers
-    activations = tokens * layers * _ROUGH_ACTIVATION_H_PER_TOKEN * config.hidden_size * width // 2
+    activations = tokens * layers * _ROUGH_ACTIVATION_H_PER_TOKEN * config.hidden_size * num_bytes // 2
     if setup.attn_implementation == "eager":
-        activations += 6 * config.num_attention_heads * setup.seq_len**2 * setup.micro_batch * layers * width // 2
+        activations += 6 * config.num_attention_heads * setup.seq_len**2 * setup.micro_batch * layers * num_bytes // 2
     logits = tokens * config.vocab_size * _ROUGH_LOGIT_BYTES_PER_VOCAB
-    return census.num_params * width + num_trainable * (width + 16) + activations + logits
+    return census.num_params * num_bytes + num_trainable * (num_bytes + 16) + activations + logits
 
 
 def check_fits_this_machine(setup: TrainingSetup, device: str, num_layers: int | None = None) -> None:

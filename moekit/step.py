@@ -74,7 +74,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
@@ -84,7 +83,7 @@ from moekit.arch import is_moe_block
 from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
 from moekit.estimate import STAGE3_MAX_REUSE_DISTANCE_ELEMENTS
-from moekit.models import as_config, build_model, config_with_layers, default_dtype
+from moekit.models import as_config, build_model, config_with_layers
 from moekit.training_setup import TrainingSetup
 
 #: DeepSpeed's default ``reduce_bucket_size`` (deepspeed/runtime/zero/config.py), in elements.
@@ -231,33 +230,6 @@ class _Tracker(MemTracker):
 # --------------------------------------------------------------------------------------------
 
 
-def _to_if_needed(original: Callable) -> Callable:
-    """``nn.Module.to`` that returns the module untouched when nothing would change.
-
-    peft moves every new adapter to its base layer's device and dtype; on FakeTensors that no-op move
-    still swaps tensors, which fails. Building adapters in the right dtype makes every move a no-op.
-    """
-
-    def to(self: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        for tensor in list(self.parameters()) + list(self.buffers()):
-            if device is not None and tensor.device != torch.device(device):
-                return original(self, *args, **kwargs)
-            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                return original(self, *args, **kwargs)
-        return self
-
-    return to
-
-
-def _cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Give trainable parameters the working dtype, as DeepSpeed's engine does (new Parameters, no swap)."""
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.requires_grad and param.dtype != dtype:
-                module._parameters[name] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=True)
-
-
 def build_for_training(setup: TrainingSetup, device: str = "cpu", *, num_layers: int | None = None, seed: int = 0) -> torch.nn.Module:
     """The model of the setup in its working dtype, with LoRA and checkpointing applied, in train mode.
 
@@ -269,6 +241,8 @@ def build_for_training(setup: TrainingSetup, device: str = "cpu", *, num_layers:
             "a tracked step of QLoRA needs bitsandbytes' 4-bit kernels on a CUDA GPU; moekit simulates and "
             "measures method='lora' and 'full'. Use estimate() for QLoRA, or method='lora'."
         )
+    from moekit.build import prepare_for_training
+
     dtype = DTYPES[setup.precision]
     build_device = "fake" if device == "fake" else "cpu"
     config = config_with_layers(as_config(setup.model), num_layers)
@@ -276,22 +250,7 @@ def build_for_training(setup: TrainingSetup, device: str = "cpu", *, num_layers:
     model = build_model(config, build_device, seed=seed, dtype=dtype, attn_implementation=setup.attn_implementation)
     if device not in ("fake", "cpu"):
         model = model.to(device)
-    if setup.activation_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            enable()
-    if setup.uses_lora:
-        from moekit.lora import apply_lora
-
-        with default_dtype(dtype), mock.patch.object(torch.nn.Module, "to", _to_if_needed(torch.nn.Module.to)):
-            model = apply_lora(model, setup.lora)
-        _cast_trainable(model, dtype)
-    elif setup.method == "full":
-        for param in model.parameters():
-            param.requires_grad_(True)
-    model.train()
-    return model
+    return prepare_for_training(model, setup, working_dtype=dtype)
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
-from moekit.breakdown import CATEGORIES, Breakdown, GiB
+from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
-from moekit.lessons import MiB
-
-if TYPE_CHECKING:
-    from moekit.monitor import MemorySample
+from moekit.monitor import MemoryMonitor, MemorySample, samples_by_label
+from moekit.units import GiB, MiB
 
 #: One color per category, the same in every figure (plotly's default qualitative palette).
 CATEGORY_COLORS: dict[str, str] = {
@@ -196,14 +193,6 @@ def breakdown_figure(
 # --------------------------------------------------------------------------------------------
 
 
-def samples_by_label(samples: Sequence[MemorySample]) -> dict[str, list[MemorySample]]:
-    """Samples by label, in the order the labels first appear."""
-    series: dict[str, list[MemorySample]] = {}
-    for sample in samples:
-        series.setdefault(sample.label, []).append(sample)
-    return series
-
-
 def monitor_figure(
     samples: Sequence[MemorySample], *, title: str = "Memory in use", labels: Sequence[str] | None = None,
     step_times: Sequence[tuple[float, int]] = (),
@@ -242,6 +231,31 @@ def monitor_figure(
     fig.update_layout(title=title, xaxis_title="seconds (dotted: an optimizer step ends)" if step_times else "seconds",
                       yaxis_title="GiB", yaxis_rangemode="tozero", legend={"orientation": "h", "y": -0.25})
     return fig
+
+
+#: Points per line sent to a live chart; the oldest are dropped so updates stay small.
+LIVE_POINTS = 2_000
+
+
+def live_monitor_figure(monitor: MemoryMonitor) -> go.FigureWidget:
+    """A plotly ``FigureWidget`` that the monitor's thread updates after every poll (notebooks)."""
+    widget = go.FigureWidget(monitor_figure(monitor.samples))
+    monitor.add_listener(lambda _samples: update_live_figure(widget, monitor.samples))
+    return widget
+
+
+def update_live_figure(widget: go.FigureWidget, samples: Sequence[MemorySample]) -> None:
+    """Refresh a live chart's lines with the latest samples (adds a line for a new GPU or process)."""
+    with widget.batch_update():
+        traces = {trace.name: trace for trace in widget.data}
+        for label, points in samples_by_label(samples).items():
+            points = points[-LIVE_POINTS:]
+            x = [p.time_s for p in points]
+            y = [_gib(p.used_bytes) for p in points]
+            if label in traces:
+                traces[label].x, traces[label].y = x, y
+            else:
+                widget.add_scatter(name=label, x=x, y=y, mode="lines")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ from dataclasses import fields
 import ipywidgets as w
 import plotly.graph_objects as go
 
-from moekit.breakdown import Breakdown, GiB
+from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.estimate import estimate
 from moekit.models import list_presets
 from moekit.plan import ladder
 from moekit.training_setup import ATTENTIONS, OFFLOADS, PRECISIONS, LoraSpec, TrainingSetup
+from moekit.units import GiB
 from moekit.viz import breakdown_figure
 
 #: LoRA target choices offered in the dashboard (label -> targets).

@@ -4,6 +4,7 @@ folder; a handful run as real subprocesses; API cases check the exception and it
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
@@ -153,14 +154,14 @@ def last_line(err: str) -> str:
 
 
 def test_a_failed_run_exits_1_and_ctrl_c_130_with_the_resume_step(folder, capsys, monkeypatch):
-    import moekit.train
+    train_module = importlib.import_module("moekit.train")  # moekit.train is the function
     from moekit.errors import Interrupted
     from moekit.guard import TrainingGuardError
 
     def interrupted(*args, **kwargs):
         raise Interrupted("interrupted at step 7; rerun the same command to resume from step 4")
 
-    monkeypatch.setattr(moekit.train, "train", interrupted)
+    monkeypatch.setattr(train_module, "train", interrupted)
     assert main(["train", "--model", "tiny"]) == 130
     assert last_line(capsys.readouterr().err) == (
         "moekit train: error: interrupted at step 7; rerun the same command to resume from step 4")
@@ -168,7 +169,7 @@ def test_a_failed_run_exits_1_and_ctrl_c_130_with_the_resume_step(folder, capsys
     def stuck(*args, **kwargs):
         raise TrainingGuardError("experts LoRA down_proj did not move at step 1")
 
-    monkeypatch.setattr(moekit.train, "train", stuck)
+    monkeypatch.setattr(train_module, "train", stuck)
     assert main(["train", "--model", "tiny"]) == 1
     assert last_line(capsys.readouterr().err) == "moekit train: error: experts LoRA down_proj did not move at step 1"
 

@@ -127,3 +127,16 @@ def test_launch_runs_the_same_command_as_cpu_processes_zero2_offload(tmp_path):
     checks = [json.loads(line) for line in (run_dir / "guard.jsonl").read_text().splitlines()]
     expected = {"embeddings", "attention", "router", "experts gate_up_proj", "experts down_proj", "norms", "lm_head"}
     assert all({g for g, moved in c["moved"].items() if moved} == expected for c in checks)
+
+
+def test_run_options_survive_the_trip_through_a_ranks_command_line_and_the_cli_shares_their_defaults():
+    from moekit.cli import build_parser as cli_parser
+    from moekit.run_options import RunOptions
+    from moekit.train import build_parser as rank_parser
+
+    options = RunOptions(steps=7, save_every=3, data="d.txt", weights="w", lr=1e-3, seed=5)
+    assert RunOptions.from_args(rank_parser().parse_args(["--setup-json", "s.json", *options.argv()])) == options
+    assert RunOptions.from_args(rank_parser().parse_args(["--setup-json", "s.json"])) == RunOptions()
+    for command in ("train", "launch"):
+        assert RunOptions.from_args(cli_parser().parse_args([command])) == RunOptions()
+        assert RunOptions.from_args(cli_parser().parse_args([command, *options.argv()])) == options

@@ -19,6 +19,7 @@ from moekit.monitor import (
     format_line,
     open_source,
 )
+from moekit.viz import live_monitor_figure
 
 GiB = 2**30
 MiB = 2**20
@@ -191,7 +192,7 @@ def test_live_figure_follows_the_samples():
     pytest.importorskip("anywidget")
     nvml = FakeNvml()
     with MemoryMonitor(interval_s=0.01, source=GpuSource(nvml)) as monitor:
-        widget = monitor.live_figure()
+        widget = live_monitor_figure(monitor)
         _wait_until(lambda: len(widget.data[0].x) >= 3)
         nvml.used_bytes[0] = 39 * GiB
         _wait_until(lambda: widget.data[0].y[-1] == 39.0)
