@@ -14,10 +14,12 @@ def test_the_shipped_preset_facts_equal_what_the_current_code_computes():
     assert compute_shipped_facts() == shipped, f"stale {SHIPPED_FACTS}: run `python -m moekit.cache` and commit it"
 
 
-def test_a_first_estimate_of_a_preset_imports_neither_torch_nor_transformers(tmp_path):
+def test_a_first_estimate_and_census_of_a_preset_import_neither_torch_nor_transformers(tmp_path):
     code = (
-        "import sys, json\n"
+        "import contextlib, io, sys, json\n"
         "from moekit.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['models', '--model', 'deepseek-v3'])  # 671B parameters, counted from the shipped census\n"
         "main(['estimate', '--seq', '12288', '--precision', 'fp16', '--json'])\n"
         "print(json.dumps(['torch' in sys.modules, 'transformers' in sys.modules]), file=sys.stderr)\n"
     )
