@@ -78,7 +78,8 @@ def test_a_lesson_runs_to_the_end_with_its_exercises_knobs_turned(lesson, tmp_pa
     source, executed = tmp_path / f"{lesson}.ipynb", tmp_path / f"{lesson}.out.ipynb"
     source.write_text(json.dumps(_with_injected_parameters(lesson, exercise_parameters(lesson))))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    papermill.execute_notebook(str(source), str(executed), kernel_name="python3", cwd=str(NOTEBOOKS),
+    # run in tmp_path: the lesson's run folders (runs/...) must not meet the ones the plain nbval run makes
+    papermill.execute_notebook(str(source), str(executed), kernel_name="python3", cwd=str(tmp_path),
                                progress_bar=False)  # raises PapermillExecutionError naming the cell that failed
     cells = json.loads(executed.read_text())["cells"]
     solutions = [c for c in cells if c["metadata"].get("moekit", {}).get("solution")]
