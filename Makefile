@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU wheel of torch this project is tested with; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# The venv's bin first for every process: one ninja builds DeepSpeed's C++ ops (pip's and Debian's hash the build
+# commands differently, so each rebuilds what the other built), and deepspeed/jupyter are this venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

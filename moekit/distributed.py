@@ -1,5 +1,5 @@
 """Process groups for a run: start (or a one-rank group for a plain call), teardown, DeepSpeed's CPU
-shared-memory cleanup, a free port, and a value reduced over every rank.
+shared-memory cleanup, a free port, the environment of the processes moekit starts, and a value reduced over every rank.
 
 Every training path (``moekit.train``, ``moekit.measure_engine``, ``moekit.hf``) starts and ends
 its process group here; torch and DeepSpeed are imported inside the functions, so the launcher and
@@ -19,6 +19,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    """This environment, with this Python's bin folder first, for every process moekit starts.
+
+    ``deepspeed``/``torchrun`` are then the ones moekit uses, and so is ``ninja``: DeepSpeed's C++ ops are
+    built by whichever ``ninja`` is first on PATH, and two versions (pip's and the system's) hash the
+    build commands differently, so each would rebuild what the other built (about 2 minutes per op).
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 SINGLE_RANK_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}

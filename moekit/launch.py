@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moekit.distributed import free_port  # noqa: F401 (re-exported)
+from moekit.distributed import free_port, launch_env  # noqa: F401 (re-exported)
 from moekit.errors import MoekitError
 from moekit.run_options import RunOptions
 from moekit.training_setup import TrainingSetup
@@ -246,8 +244,3 @@ def run_plan(plan: LaunchPlan, *, force: bool = False, launcher: str = "deepspee
     return subprocess.call(argv, env=launch_env())
 
 
-def launch_env() -> dict[str, str]:
-    """This environment, with this Python's bin folder first so ``deepspeed``/``torchrun`` are the ones moekit uses."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env

@@ -176,7 +176,7 @@ def require_weights(weights_dir: str | Path | None, model: str) -> Path:
 
 def training_env() -> dict[str, str]:
     """The launcher's environment; DeepSpeed's C++ ops are cached in the checkout's .cache as ``make`` does."""
-    from moekit.launch import launch_env
+    from moekit.distributed import launch_env
 
     env = launch_env()
     root = Path(__file__).resolve().parents[1]
@@ -276,11 +276,15 @@ class StepClock:
             self.step_times.append((samples[-1].time_s, len(self.step_times) + 1))
 
 
-def live_rank_chart(monitor, run_dir: str | Path, *, title: str = "Resident memory of each rank"):
-    """A plotly ``FigureWidget`` redrawn at every poll with the ranks only and the steps marked, and its clock.
+def live_rank_chart(monitor, run_dir: str | Path, *, title: str = "Resident memory of each rank",
+                    redraw_s: float = 1.0):
+    """A plotly ``FigureWidget`` of the ranks only with the steps marked, and its clock.
 
-    Show it with ``display(..., display_id=True)`` and replace it with ``rank_chart`` when the run ends, so
-    a saved copy of the notebook keeps a plain figure instead of a widget's state.
+    The clock sees every poll; the widget is redrawn at most every ``redraw_s`` seconds, since each redraw
+    sends every sample so far to the browser (at every 0.1 s poll that grows with the square of the run
+    and takes CPU from the ranks it watches). Show it with ``display(..., display_id=True)`` and replace
+    it with ``rank_chart`` when the run ends, so a saved copy of the notebook keeps a plain figure instead
+    of a widget's state.
     """
     import plotly.graph_objects as go
 
@@ -290,8 +294,13 @@ def live_rank_chart(monitor, run_dir: str | Path, *, title: str = "Resident memo
     widget = go.FigureWidget(monitor_figure([], title=title))
     widget.update_layout(height=420, width=960)
 
+    last_drawn = [float("-inf")]
+
     def redraw(latest: Sequence) -> None:
         clock(latest)
+        if time.monotonic() - last_drawn[0] < redraw_s:
+            return
+        last_drawn[0] = time.monotonic()
         drawn = rank_chart(monitor.samples, clock, title=title)  # every sample so far (the lock is free here)
         with widget.batch_update():
             widget.data = ()

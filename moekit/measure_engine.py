@@ -175,7 +175,7 @@ def measure_engine(
 def _measure_in(setup: TrainingSetup, folder: Path, steps: int, seed: int, progress: bool, timeout_s: float,
                 device: str, estimated: Breakdown) -> EngineMeasurement:
     from moekit.checkpoints import save_setup
-    from moekit.distributed import free_port
+    from moekit.distributed import free_port, launch_env
 
     folder.mkdir(parents=True, exist_ok=True)
     setup_path = save_setup(setup, folder / "setup.json")
@@ -184,7 +184,7 @@ def _measure_in(setup: TrainingSetup, folder: Path, steps: int, seed: int, progr
     argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_ranks),
             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "moekit.measure_engine",
             "--setup-json", str(setup_path), "--out-dir", str(folder), "--steps", str(steps), "--seed", str(seed)]
-    env = dict(os.environ)
+    env = launch_env()  # this Python's bin first: the same ninja (and so the same cached C++ ops) as training
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("HF_HUB_OFFLINE", "1")

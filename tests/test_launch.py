@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import socket
 import sys
@@ -109,9 +108,9 @@ def test_launch_runs_the_same_command_as_cpu_processes_zero2_offload(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     run_dir = tmp_path / "cpu run"
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    env["HF_HUB_OFFLINE"] = "1"
+    from moekit.lessons import training_env
+
+    env = {**training_env(), "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "moekit.cli", "launch", "--model", "tiny", "--method", "full", "--precision", "fp32",
             "--zero", "2", "--offload", "optimizer", "--gpus", "2", "--seq", "64", "--micro-batch", "2", "--steps", "4",
             "--lr", "1e-3", "--run-dir", str(run_dir), "--master-port", str(port)]

@@ -153,3 +153,27 @@ def test_short_run_plan_passes_weights_and_data_to_every_rank(tmp_path):
     setup = TrainingSetup(model="tiny", method="lora", zero_stage=2, gpus_per_node=2, seq_len=64, micro_batch=2)
     argv = short_run_plan(setup, tmp_path / "run", weights="/data/mixtral", data="/data/text.jsonl").deepspeed_argv()
     assert argv[argv.index("--weights") + 1] == "/data/mixtral" and argv[argv.index("--data") + 1] == "/data/text.jsonl"
+
+
+def test_live_rank_chart_marks_every_step_but_redraws_at_most_once_per_redraw_interval(tmp_path):
+    from moekit.lessons import live_rank_chart
+    from moekit.monitor import MemorySample
+
+    class FakeMonitor:  # the two things the chart asks of a MemoryMonitor
+        def __init__(self):
+            self.samples, self.listeners = [], []
+
+        def add_listener(self, listener):
+            self.listeners.append(listener)
+
+    monitor = FakeMonitor()
+    widget, clock = live_rank_chart(monitor, tmp_path, redraw_s=3600)
+    log = tmp_path / "log.jsonl"
+    for poll in range(50):
+        sample = MemorySample(poll * 0.1, "rank 0 (pid 1)", 2**20 * (1 + poll), 2**34, kind="process")
+        monitor.samples.append(sample)
+        if poll % 10 == 9:
+            log.write_text('{"step": 1}\n' * (poll // 10 + 1))
+        monitor.listeners[0]([sample])
+    assert [step for _, step in clock.step_times] == [1, 2, 3, 4, 5]  # every step seen at its poll
+    assert [len(trace.x) for trace in widget.data] == [1]  # drawn once, at the first poll, within the hour

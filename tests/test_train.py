@@ -8,7 +8,6 @@ DeepSpeed's C++ ops (about 2 minutes, cached in TORCH_EXTENSIONS_DIR).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +34,10 @@ def tiny(**changes) -> TrainingSetup:
 
 
 def deepspeed_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
+    """What a lesson's run gets: this Python's bin first (one ninja), the checkout's cache of C++ ops, offline."""
+    from moekit.lessons import training_env
+
+    return {**training_env(), "HF_HUB_OFFLINE": "1"}
 
 
 def run_deepspeed(target: list[str], *, timeout: int = 600) -> subprocess.CompletedProcess:
