@@ -57,6 +57,8 @@ _EXPORTS: dict[str, str] = {
     "ds_config": "zero",
     "validated_ds_config": "zero",
     "setup_for_preset": "zero",
+    "zero_knobs": "zero_knobs",
+    "setup_from_ds_config": "ds_read",
     # training, launching, monitoring
     "RunOptions": "run_options",
     "train": "train",

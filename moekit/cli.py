@@ -32,6 +32,7 @@ from moekit.training_setup import (
     TrainingSetup,
 )
 from moekit.units import GiB
+from moekit.zero_knobs import MEANING
 
 # --------------------------------------------------------------------------------------------
 # Flag types: bad values are one-line usage errors
@@ -121,6 +122,20 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
                    help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: a smaller allocator reserve (CUDA)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                    help="adamw, bitsandbytes' adamw_8bit or paged_adamw (default: %(default)s)")
+    z = parser.add_argument_group("DeepSpeed ZeRO sizes, in elements (default: DeepSpeed's own, e.g. 5e8)")
+    for knob, meaning in MEANING.items():
+        z.add_argument(f"--{knob.replace('_', '-')}", type=elements, default=None, metavar="N", help=meaning)
+
+
+def elements(text: str) -> int:
+    """A count of elements, written 50000000, 50_000_000 or 5e7."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of elements such as 5e7, got '{text}'") from None
+    if not value.is_integer() or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of elements >= 0, got '{text}'")
+    return int(value)
 
 
 def refuse_estimate_only_knobs(setup: TrainingSetup, command: str) -> None:
@@ -135,8 +150,38 @@ def refuse_estimate_only_knobs(setup: TrainingSetup, command: str) -> None:
                           "AdamW, transformers' loss and the config's router loss: drop them.")
 
 
+def add_ds_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ds-config", metavar="FILE", default=None,
+        help="read precision, ZeRO stage, offload, batch sizes and bucket sizes from your DeepSpeed JSON; its "
+        "\"auto\" values are filled from the other flags as the Hugging Face Trainer fills them (a flag set "
+        "away from its default must agree with the file)")
+
+
+#: The flags a DeepSpeed config decides, by setup field (a flag given beside --ds-config must agree with it).
+DS_CONFIG_FLAGS = {"precision": "--precision", "zero_stage": "--zero", "offload": "--offload",
+                   "micro_batch": "--micro-batch", "grad_accum": "--grad-accum",
+                   **{knob: f"--{knob.replace('_', '-')}" for knob in MEANING}}
+
+
 def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
-    """Build (and so validate) the TrainingSetup the flags describe."""
+    """Build (and so validate) the TrainingSetup the flags describe, read through --ds-config when given."""
+    setup = _setup_from_flags(args)
+    if getattr(args, "ds_config", None) is None:
+        return setup
+    from moekit.ds_read import setup_from_ds_config
+
+    read = setup_from_ds_config(args.ds_config, setup)
+    default = TrainingSetup()
+    for name, flag in DS_CONFIG_FLAGS.items():
+        given, in_file = getattr(setup, name), getattr(read, name)
+        if given != getattr(default, name) and in_file != given:
+            raise MoekitError(f"{flag} {given} contradicts {args.ds_config}, which gives {name} = {in_file}: "
+                              "drop the flag or change the file.")
+    return read
+
+
+def _setup_from_flags(args: argparse.Namespace) -> TrainingSetup:
     return TrainingSetup(
         model=args.model,
         method=args.method,
@@ -161,6 +206,7 @@ def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
         optimizer=args.optimizer,
         expandable_segments=args.expandable_segments,
         attn_implementation=args.attn,
+        **{knob: getattr(args, knob) for knob in MEANING},
     )
 
 
@@ -240,6 +286,7 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
         "Defaults are the article's run (Mixtral 8x7B LoRA on 8x A100-40GB, ZeRO-2).",
     )
     add_setup_flags(p)
+    add_ds_config_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_run_estimate)
 
@@ -363,6 +410,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "time to the setup given by the flags until it fits.",
     )
     add_setup_flags(p)
+    add_ds_config_flag(p)
     g = p.add_argument_group("constraints")
     g.add_argument("--min-seq", type=int, default=None, help="allow sequences down to this length (default: keep --seq)")
     g.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step to keep (default: from the flags)")

@@ -41,6 +41,7 @@ from moekit.traps import (
     router_aux_loss_note,
     router_aux_loss_on,
 )
+from moekit.zero_knobs import zero_knobs
 
 # moekit.models and moekit.arch's readers (torch, transformers) are imported inside the functions that
 # build a model on the meta device; their results are cached on disk (moekit.cache), so a warm estimate
@@ -50,10 +51,7 @@ from moekit.traps import (
 # Documented constants
 # ---------------------------------------------------------------------------------------------
 
-#: DeepSpeed's defaults, which moekit's ds_config keeps (deepspeed/runtime/zero/config.py).
-REDUCE_BUCKET_ELEMENTS = 500_000_000
-STAGE3_PREFETCH_BUCKET_ELEMENTS = 50_000_000
-SUB_GROUP_ELEMENTS = 1_000_000_000  # ZeRO-3's sub_group_size
+# DeepSpeed's bucket, prefetch and sub-group sizes: moekit.zero_knobs.zero_knobs(setup).
 #: CUDA context + cuBLAS/cuDNN workspaces of one process, as nvidia-smi shows before any tensor exists.
 CUDA_CONTEXT_BYTES = 600 * 2**20
 #: The caching allocator reserves more than it hands out (fragmentation); a few % of the peak.
@@ -278,7 +276,7 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
     # The optimizer step's fp32 gradient of the partition; except under ZeRO-2 (whose gradient partition
     # is already one flat buffer) it is first flattened in the working dtype, then upcast.
     # ZeRO-3 steps its partition in sub-groups of sub_group_size elements, one at a time.
-    stepped = min(owned, SUB_GROUP_ELEMENTS) if stage == 3 else owned
+    stepped = min(owned, zero_knobs(setup).sub_group_size) if stage == 3 else owned
     flattened = width * stepped if stage != 2 else 0
     if mixed and stage == 0:
         # DeepSpeed's FP16_Optimizer (bf16 too) upcasts every gradient to fp32 and then concatenates them:
@@ -734,10 +732,6 @@ def eager_mask_bytes(setup: TrainingSetup, f: ModelFacts) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-#: DeepSpeed's ``stage3_max_reuse_distance`` default (deepspeed/runtime/zero/config.py), in elements.
-STAGE3_MAX_REUSE_DISTANCE_ELEMENTS = 1_000_000_000
-
-
 def zero3_kept_gathered_params(setup: TrainingSetup) -> int:
     """Parameters ZeRO-3 still holds gathered at the start of backward because it will use them again soon.
 
@@ -770,9 +764,10 @@ def _zero3_kept_modules(setup: TrainingSetup) -> list[tuple[str, int]]:
     backward_order += [("moe block", moe_block), ("attention and norms", rest_of_layer)] * num_layers
     backward_order.append(("embeddings", embeddings))
     uses_between = 3 if setup.activation_checkpointing else 2
+    reuse_distance = zero_knobs(setup).stage3_max_reuse_distance
     kept, later = [], 0
     for kind, params in backward_order:
-        if uses_between * later >= STAGE3_MAX_REUSE_DISTANCE_ELEMENTS:
+        if uses_between * later >= reuse_distance:
             break
         kept.append((kind, params))
         later += params
@@ -788,13 +783,16 @@ def buffer_bytes(setup: TrainingSetup) -> int:
     fused experts of a layer, 1.41e9 parameters).
     """
     width = 4 if setup.precision == "fp32" else 2
+    knobs = zero_knobs(setup)
     if setup.zero_stage in (1, 2):
-        return 2 * width * REDUCE_BUCKET_ELEMENTS
+        return 2 * width * knobs.reduce_bucket_size  # two reduce buckets (overlap_comm), 16-bit
     if setup.zero_stage == 3:
         f = model_facts(setup.model)
-        prefetched = min(STAGE3_PREFETCH_BUCKET_ELEMENTS, f.second_largest_module_params)
+        # prefetch stops at stage3_prefetch_bucket_size, and never passes stage3_max_live_parameters gathered
+        prefetched = min(knobs.stage3_prefetch_bucket_size, knobs.stage3_max_live_parameters,
+                         f.second_largest_module_params)
         gathered = max(f.largest_module_params + prefetched, zero3_kept_gathered_params(setup))
-        return width * (REDUCE_BUCKET_ELEMENTS + gathered)
+        return width * (knobs.reduce_bucket_size + gathered)  # one reduce bucket + gathered 16-bit weights
     return 0
 
 

@@ -37,6 +37,7 @@ import torch
 from transformers import TrainerCallback
 
 from moekit.breakdown import Breakdown
+from moekit.ds_read import precision_of, zero_fields_of
 from moekit.errors import MoekitError
 from moekit.training_setup import LoraSpec, TrainingSetup
 from moekit.units import GiB
@@ -107,26 +108,10 @@ def resolved_ds_config(args) -> dict | None:
 
 def _precision(args, ds: dict | None) -> str:
     if ds is not None:
-        if (ds.get("bf16") or {}).get("enabled") is True:
-            return "bf16"
-        if (ds.get("fp16") or {}).get("enabled") is True:
-            return "fp16"
-        return "fp32"
+        return precision_of(ds)
     # Without DeepSpeed the Trainer keeps fp32 weights and autocasts: fp32 counts those weights right
     # and over-counts the activations (an over-estimate rather than an under-estimate).
     return "fp32"
-
-
-def _zero_fields(ds: dict | None) -> dict:
-    zero = (ds or {}).get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0))
-    optimizer, param = zero.get("offload_optimizer") or {}, zero.get("offload_param") or {}
-    on = [section for section in (optimizer, param) if section.get("device") in ("cpu", "nvme")]
-    offload = "none" if not on else ("optimizer+params" if param in on else "optimizer")
-    fields = {"zero_stage": stage, "offload": offload}
-    if on and on[0]["device"] == "nvme":
-        fields.update(offload_device="nvme", nvme_path=on[0].get("nvme_path") or "nvme")
-    return fields
 
 
 def device_memory_gb(args) -> float:
@@ -181,7 +166,7 @@ def setup_from_trainer(
         method=method,
         lora=spec or LoraSpec(),
         precision=_precision(args, ds),
-        **_zero_fields(ds),
+        **zero_fields_of(ds or {}),
         gpus_per_node=local,
         num_nodes=max(1, args.world_size // local),
         gpu_memory_gb=gpu_memory_gb or device_memory_gb(args),

@@ -16,6 +16,7 @@ from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.estimate import estimate, model_facts, num_trainable_params
 from moekit.training_setup import METHODS, OFFLOADS, PRECISIONS, LoraSpec, SetupError, TrainingSetup
+from moekit.zero_knobs import zero_knobs
 
 # ---------------------------------------------------------------------------------------------
 # A relative step-time model
@@ -310,10 +311,24 @@ def mitigations(min_seq_len: int | None = None) -> dict[str, Mitigation]:
                    lambda s: _changed(s, optimizer="adamw_8bit") if s.offload == "none" else None),
         Mitigation("zero_init", "load under zero.Init (ZeRO-3): each rank materializes its partition only",
                    lambda s: _changed(s, load_path="zero_init") if s.zero_stage == 3 and s.load_path != "auto" else None),
+        Mitigation("smaller_buckets", "DeepSpeed buckets of hidden x hidden elements (the Hugging Face Trainer's "
+                   "\"auto\") instead of DeepSpeed's default", _smaller_buckets),
         Mitigation("router_loss_off", "leave out the router's load-balancing loss (output_router_logits=False)",
                    lambda s: _changed(s, router_aux_loss=False) if s.router_aux_loss else None),
     ]
     return {m.name: m for m in items}
+
+
+def _smaller_buckets(setup: TrainingSetup) -> TrainingSetup | None:
+    """reduce_bucket_size (and ZeRO-3's prefetch) as transformers resolves "auto": hidden^2 (0.9 hidden^2)."""
+    if setup.zero_stage == 0:
+        return None
+    hidden = model_facts(setup.model).hidden
+    knobs = zero_knobs(setup)
+    changes = {"reduce_bucket_size": min(knobs.reduce_bucket_size, hidden * hidden)}
+    if setup.zero_stage == 3:
+        changes["stage3_prefetch_bucket_size"] = min(knobs.stage3_prefetch_bucket_size, int(0.9 * hidden * hidden))
+    return _changed(setup, **changes)
 
 
 #: The mitigations that move states to CPU RAM (left out when offloading is not allowed).
@@ -322,7 +337,7 @@ OFFLOAD_MITIGATIONS = ("zero2_offload", "zero3_offload")
 ARTICLE_ORDER = ("lora", "lower_rank", "shorter_sequences", "micro_batch_1", "mixed_precision", "zero2",
                  "zero2_offload", "zero3", "zero3_offload", "checkpointing")
 #: The field traps' rungs, offered after the article's ladder (``trap_rungs``).
-TRAP_ORDER = ("zero_init", "router_loss_off", "fused_loss", "expandable_segments", "adamw_8bit")
+TRAP_ORDER = ("zero_init", "router_loss_off", "fused_loss", "expandable_segments", "smaller_buckets", "adamw_8bit")
 
 
 @dataclass

@@ -43,9 +43,9 @@ parameters get gradients and optimizer state; stage 0 is modeled like stage 1 wi
   element); ZeRO-1 first flattens the rank's slices of the 16-bit gradients into a new buffer, then
   upcasts (2 + 4 bytes, briefly); ZeRO-0 (DeepSpeed's FP16_Optimizer) upcasts every gradient, then
   concatenates the fp32 copies (4 + 4 bytes); ZeRO-3 does that one optimizer sub-group at a time (DeepSpeed's
-  ``sub_group_size``, ``SUB_GROUP_ELEMENTS``), each sub-group with its own fp32 master and moments.
+  ``sub_group_size``), each sub-group with its own fp32 master and moments.
 - Communication buckets (``buffers``): ZeRO-1/2 allocate two reduce buckets of
-  ``REDUCE_BUCKET_ELEMENTS`` in the working dtype at the first gradient and free them after backward
+  ``reduce_bucket_size`` elements in the working dtype at the first gradient and free them after backward
   (contiguous_gradients with overlap_comm, as XTuner's presets set); ZeRO-3 keeps one for the run.
   ZeRO-1 with accumulation > 1 reduces only at the accumulation boundary, and only that boundary's
   epilogue frees the buckets (``setup_buckets`` / ``_release_ipg_buffers`` in stage_1_and_2.py), so they
@@ -82,14 +82,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from moekit.arch import is_moe_block
 from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
-from moekit.estimate import STAGE3_MAX_REUSE_DISTANCE_ELEMENTS
 from moekit.models import as_config, build_model, config_with_layers
 from moekit.training_setup import TrainingSetup
+from moekit.zero_knobs import zero_knobs
 
-#: DeepSpeed's default ``reduce_bucket_size`` (deepspeed/runtime/zero/config.py), in elements.
-REDUCE_BUCKET_ELEMENTS = 500_000_000
-#: DeepSpeed's default ZeRO-3 ``sub_group_size``: the optimizer step prepares one sub-group's fp32 gradient at a time.
-SUB_GROUP_ELEMENTS = 1_000_000_000
 #: DeepSpeed ZeRO-1/2 pad the flat parameter buffer to a multiple of this many elements per rank
 #: (``nccl_start_alignment_factor``: 4-byte alignment of 16-bit elements).
 NCCL_ALIGNMENT = 2
@@ -281,7 +277,8 @@ def zero3_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 class _Zero3Gatherer:
     """Empties every parameter and gathers a unit's parameters only while the unit computes."""
 
-    def __init__(self, model: torch.nn.Module, tracker: _Tracker, *, checkpointing: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, tracker: _Tracker, *, reuse_distance: int,
+                 checkpointing: bool = False) -> None:
         self.tracker = tracker
         self.units = zero3_units(model)
         self.shapes: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -304,7 +301,7 @@ class _Zero3Gatherer:
         self.kept_after_forward: set[int] = set()
         later, uses_between = 0, 3 if checkpointing else 2
         for unit in reversed(self.units):
-            if uses_between * later < STAGE3_MAX_REUSE_DISTANCE_ELEMENTS:
+            if uses_between * later < reuse_distance:
                 self.kept_after_forward.add(id(unit))
             later += sum(math.prod(self.shapes[p]) for p in unit.parameters())
         self.handles = []
@@ -445,6 +442,7 @@ class _RankStates:
 
     def __init__(self, model: torch.nn.Module, setup: TrainingSetup, tracker: _Tracker, device: torch.device) -> None:
         self.setup = setup
+        self.knobs = zero_knobs(setup)
         self.tracker = tracker
         self.device = device
         self.dtype = DTYPES[setup.precision]
@@ -497,14 +495,14 @@ class _RankStates:
         """(start, size) in the rank's partition of each flat fp32 optimizer tensor.
 
         ZeRO-1/2: one per parameter group (one here). ZeRO-3: DeepSpeed's sub-groups, closed when they
-        reach ``SUB_GROUP_ELEMENTS`` partition elements; the step prepares one sub-group at a time.
+        reach ``sub_group_size`` partition elements; the step prepares one sub-group at a time.
         """
         if self.stage < 3:
             return [(0, self.layout.owned_numel)]
         groups, start, size = [], 0, 0
         for numel in self.numels:
             size += math.ceil(numel / self.layout.world_size)
-            if size >= SUB_GROUP_ELEMENTS:
+            if size >= self.knobs.sub_group_size:
                 groups.append((start, size))
                 start, size = start + size, 0
         if size:
@@ -528,12 +526,13 @@ class _RankStates:
             elif self.stage == 2 and not self.offload:
                 self.grad_partition = self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
             if self.stage == 1:  # ZeRO-1 frees its buckets only at the accumulation boundary (see the docstring)
-                self.buckets = [self._new(REDUCE_BUCKET_ELEMENTS, self.dtype, "buffers") for _ in range(2)]
+                self.buckets = [self._new(self.knobs.reduce_bucket_size, self.dtype, "buffers") for _ in range(2)]
         if self.stage != 3:
             return None
         self.grad_partition = None if self.offload else self._new(self.layout.owned_numel, self.dtype, "gradients", zeros=True)
-        self.buckets = [self._new(REDUCE_BUCKET_ELEMENTS, self.dtype, "buffers")]
-        return _Zero3Gatherer(model, self.tracker, checkpointing=self.setup.activation_checkpointing)
+        self.buckets = [self._new(self.knobs.reduce_bucket_size, self.dtype, "buffers")]
+        return _Zero3Gatherer(model, self.tracker, reuse_distance=self.knobs.stage3_max_reuse_distance,
+                              checkpointing=self.setup.activation_checkpointing)
 
     def _new(self, numel: int, dtype: torch.dtype, category: str, *, zeros: bool = False, keep: bool = False) -> torch.Tensor:
         tensor = (torch.zeros if zeros else torch.empty)(numel, dtype=dtype, device=self.device)
@@ -588,7 +587,7 @@ class _RankStates:
 
     def _on_grad(self, param: torch.Tensor, owned: tuple[int, int, int] | None) -> None:
         if not self.buckets:
-            self.buckets = [self._new(REDUCE_BUCKET_ELEMENTS, self.dtype, "buffers") for _ in range(2)]
+            self.buckets = [self._new(self.knobs.reduce_bucket_size, self.dtype, "buffers") for _ in range(2)]
         if not self.partitions_grads:
             return
         if self.grad_partition is None and not self.offload:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from moekit.errors import MoekitError
+from moekit.zero_knobs import KNOBS, deepspeed_defaults
 
 Method = Literal["full", "lora", "qlora"]
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -73,6 +74,10 @@ class LoraSpec:
             raise SetupError("LoRA needs at least one target, e.g. targets=('attention', 'experts').")
 
 
+#: The setup fields that set DeepSpeed's ZeRO size knobs (one field per knob of moekit.zero_knobs).
+ZERO_KNOB_FIELDS = tuple(KNOBS)
+
+
 @dataclass(frozen=True)
 class TrainingSetup:
     """Everything that decides a fine-tuning run's memory and its DeepSpeed configuration."""
@@ -103,6 +108,15 @@ class TrainingSetup:
     #: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows segments instead of
     #: reserving new ones, so its reserve over the allocated peak shrinks to page rounding.
     expandable_segments: bool = False
+    #: DeepSpeed's ZeRO size knobs in elements (what each decides: moekit.zero_knobs.MEANING); None: DeepSpeed's
+    #: default, read from its DeepSpeedZeroConfig.
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None
+    stage3_prefetch_bucket_size: int | None = None
+    stage3_max_live_parameters: int | None = None
+    stage3_max_reuse_distance: int | None = None
+    stage3_param_persistence_threshold: int | None = None
+    sub_group_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_type("model", self.model, str, "a preset name such as 'mixtral-8x7b' or a local folder")
@@ -150,6 +164,14 @@ class TrainingSetup:
             raise SetupError(
                 "QLoRA's 4-bit base weights cannot be partitioned by ZeRO-3 here; use zero_stage<=2."
             )
+        for name in ZERO_KNOB_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise SetupError(f"{name} must be a whole number of elements (>= 0) or None for DeepSpeed's default, "
+                                 f"got {value!r}.")
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "sub_group_size"):
+            if getattr(self, name) == 0:
+                raise SetupError(f"{name} must be at least 1 element (DeepSpeed divides work into pieces of it).")
         for name in ("gpus_per_node", "num_nodes", "seq_len", "micro_batch", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -225,6 +247,9 @@ class TrainingSetup:
             (self.router_aux_loss is not None, f"router loss {'on' if self.router_aux_loss else 'off'}"),
             (self.expandable_segments, "expandable segments"), (self.load_path != "auto", f"load {self.load_path}"),
         ) if on)
+        defaults = deepspeed_defaults()
+        traps += "".join(f" +{name}={getattr(self, name):,}" for name in ZERO_KNOB_FIELDS
+                         if getattr(self, name) not in (None, defaults[name]))
         return (
             f"{self.model} {method} {self.precision} ZeRO-{self.zero_stage}{offload}{ckpt}{traps} "
             f"seq {self.seq_len} x mb {self.micro_batch} on {self.num_nodes}x{self.gpus_per_node} "

@@ -16,14 +16,8 @@ from collections.abc import Iterator
 
 from moekit.errors import MoekitError
 from moekit.training_setup import TrainingSetup
+from moekit.zero_knobs import zero_knobs
 
-#: DeepSpeed's own defaults (deepspeed/runtime/zero/config.py), kept so ``moekit.estimate`` models them.
-REDUCE_BUCKET_ELEMENTS = 500_000_000
-ALLGATHER_BUCKET_ELEMENTS = 500_000_000
-STAGE3_PREFETCH_BUCKET_ELEMENTS = 50_000_000
-STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
-STAGE3_MAX_REUSE_DISTANCE = 1_000_000_000
 #: Dynamic fp16 loss scaling starts at 2**16, as XTuner's presets do.
 FP16_INITIAL_SCALE_POWER = 16
 GRADIENT_CLIPPING = 1.0
@@ -106,26 +100,29 @@ def precision_section(precision: str) -> dict:
 
 
 def zero_section(setup: TrainingSetup) -> dict:
-    """``zero_optimization``: stage, offload targets and the communication bucket sizes."""
+    """``zero_optimization``: stage, offload targets and the size knobs (the setup's, else DeepSpeed's defaults,
+    written out so the config says what the run uses)."""
     stage = setup.zero_stage
     section: dict = {"stage": stage}
     if stage == 0:
         return section
+    knobs = zero_knobs(setup)
     section.update(
         overlap_comm=True,
         contiguous_gradients=True,
-        reduce_bucket_size=REDUCE_BUCKET_ELEMENTS,
+        reduce_bucket_size=knobs.reduce_bucket_size,
     )
     if stage in (1, 2):
-        section.update(allgather_partitions=True, allgather_bucket_size=ALLGATHER_BUCKET_ELEMENTS, reduce_scatter=True)
+        section.update(allgather_partitions=True, allgather_bucket_size=knobs.allgather_bucket_size, reduce_scatter=True)
     if setup.offload in ("optimizer", "optimizer+params"):
         section["offload_optimizer"] = offload_section(setup, "optimizer")
     if stage == 3:
         section.update(
-            stage3_prefetch_bucket_size=STAGE3_PREFETCH_BUCKET_ELEMENTS,
-            stage3_param_persistence_threshold=STAGE3_PARAM_PERSISTENCE_THRESHOLD,
-            stage3_max_live_parameters=STAGE3_MAX_LIVE_PARAMETERS,
-            stage3_max_reuse_distance=STAGE3_MAX_REUSE_DISTANCE,
+            stage3_prefetch_bucket_size=knobs.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=knobs.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=knobs.stage3_max_live_parameters,
+            stage3_max_reuse_distance=knobs.stage3_max_reuse_distance,
+            sub_group_size=knobs.sub_group_size,
             stage3_gather_16bit_weights_on_model_save=True,
         )
         leaf_classes = moe_block_class_names(setup.model)

@@ -50,7 +50,8 @@ def test_each_lesson_has_three_exercises_each_followed_by_a_collapsed_solution(l
         assert cell["cell_type"] == "markdown" and f"### Exercise {number}" in "".join(cell["source"])
         solution = cells[index + 1]
         assert solution["cell_type"] == "code" and solution["metadata"]["moekit"] == {"solution": number}
-        assert solution["metadata"]["jupyter"] == {"source_hidden": True}  # JupyterLab shows it collapsed
+        # JupyterLab shows it collapsed, and keeps its output folded after Run All
+        assert solution["metadata"]["jupyter"] == {"outputs_hidden": True, "source_hidden": True}
     assert numbers == [1, 2, 3]
     parameters_cell = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
     for name in exercise_parameters(lesson):

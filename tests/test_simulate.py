@@ -9,8 +9,11 @@ from moekit.cli import main
 from moekit.lora import lora_census
 from moekit.models import build_model, parameter_census
 from moekit.simulate import layer_costs, simulate, simulate_per_layer, simulate_step
-from moekit.step import REDUCE_BUCKET_ELEMENTS, StepError
+from moekit.step import StepError
 from moekit.training_setup import LoraSpec, TrainingSetup
+from moekit.zero_knobs import deepspeed_defaults
+
+REDUCE_BUCKET_ELEMENTS = deepspeed_defaults()["reduce_bucket_size"]
 
 MIXTRAL_PARAMS = 46_702_792_704
 MIXTRAL_LORA_R16 = 223_346_688  # q/k/v/o + both fused expert tensors, every layer
@@ -131,6 +134,19 @@ def test_buckets_are_deepspeed_default_reduce_buckets():
     record = simulate_step(TINY.replace(zero_stage=2, method="full"), progress=False)
     assert record.phases["backward_peak"]["buffers"] >= 2 * 2 * REDUCE_BUCKET_ELEMENTS
     assert record.phases["optimizer_step"]["buffers"] < 2 * REDUCE_BUCKET_ELEMENTS  # freed after backward
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_smaller_reduce_bucket_flows_into_the_simulated_step_and_the_estimate_alike(stage):
+    from moekit.estimate import estimate
+
+    small = TINY.replace(zero_stage=stage, method="full", reduce_bucket_size=10_000_000)
+    record = simulate_step(small, progress=False)
+    buckets = (2 if stage == 2 else 1) * 2 * 10_000_000  # bf16 elements
+    assert buckets <= record.phases["backward_peak"]["buffers"] < buckets + 2**20 + (stage == 3) * 2 * 10**6
+    default = estimate(small.replace(reduce_bucket_size=None)).per_gpu["buffers"]
+    shrunk = estimate(small).per_gpu["buffers"]
+    assert default - shrunk == (2 if stage == 2 else 1) * 2 * (REDUCE_BUCKET_ELEMENTS - 10_000_000)
 
 
 # --------------------------------------------------------------------------------------------

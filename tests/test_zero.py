@@ -148,11 +148,22 @@ def test_inconsistent_configs_are_clear_errors():
         validate_ds_config(xtuner_preset("zero2"), 8)
 
 
-def test_estimate_models_the_bucket_sizes_this_config_writes():
-    estimate = pytest.importorskip("moekit.estimate")
-    zero = ds_config(TrainingSetup(zero_stage=3))["zero_optimization"]
-    assert estimate.REDUCE_BUCKET_ELEMENTS == zero["reduce_bucket_size"]
-    assert estimate.STAGE3_PREFETCH_BUCKET_ELEMENTS == zero["stage3_prefetch_bucket_size"]
+def test_the_config_writes_deepspeeds_own_defaults_and_deepspeed_reads_back_each_knob_a_setup_sets():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from moekit.zero_knobs import KNOBS, read_deepspeed_defaults, zero_knobs
+
+    default = TrainingSetup(zero_stage=3)
+    zero = ds_config(default)["zero_optimization"]
+    parsed = DeepSpeedZeroConfig(**zero)
+    assert {knob: getattr(parsed, attribute) for knob, attribute in KNOBS.items()} == read_deepspeed_defaults()
+    assert zero_knobs(default) == zero_knobs(default.replace(**read_deepspeed_defaults()))
+    changed = {knob: 1000 + i for i, knob in enumerate(KNOBS)}
+    for stage, written in ((2, ["reduce_bucket_size", "allgather_bucket_size"]),
+                           (3, [knob for knob in KNOBS if knob != "allgather_bucket_size"])):  # ZeRO-1/2 only
+        section = ds_config(default.replace(zero_stage=stage, **changed))["zero_optimization"]
+        parsed = DeepSpeedZeroConfig(**section)
+        assert {knob: getattr(parsed, KNOBS[knob]) for knob in written} == {knob: changed[knob] for knob in written}
 
 
 def test_cli_ds_config_prints_a_validated_preset(capsys, tmp_path):
