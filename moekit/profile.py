@@ -20,13 +20,8 @@ from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.step import run_step
 from moekit.training_setup import TrainingSetup
-from moekit.units import GiB, width
+from moekit.units import GiB
 
-#: Rough bytes saved per token per decoder layer, in units of hidden size x dtype width / 2
-#: (REFERENCE: about 85h for Mixtral in bf16 without checkpointing); used only for the fit check.
-_ROUGH_ACTIVATION_H_PER_TOKEN = 100
-#: Rough bytes per token per vocabulary entry outside the layers (logits, fp32 upcast, loss).
-_ROUGH_LOGIT_BYTES_PER_VOCAB = 12
 #: Headroom kept free for Python, the allocator and the rest of the machine when checking the fit.
 _FIT_MARGIN = 1.25
 
@@ -57,32 +52,28 @@ def default_device() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def rough_step_bytes(setup: TrainingSetup, num_layers: int | None = None) -> int:
-    """A deliberately rough upper estimate of one real step's bytes, from the parameter census.
-
-    Weights at the working width; gradients and fp32 master + Adam moments (16 bytes) for the
-    trainable parameters without ZeRO sharing; activations at ~100h bytes per token per layer;
-    logits at ~12 bytes per token per vocabulary entry. Used only to refuse clearly before a step
-    that cannot fit, never as a prediction (that is ``estimate``).
+def step_bytes_here(setup: TrainingSetup, num_layers: int | None = None, device: str = "cpu") -> int:
+    """One rank's bytes for a step of ``setup`` here: the estimate without CUDA's context and allocator reserve
+    (``overhead``), plus this rank's share of the host states (offload), scaled to ``num_layers`` of the
+    model's layers when the step runs a truncated model (roughly: the embeddings and logits scale with them).
+    On the CPU DeepSpeed's buckets are left out: allocated whole, only the part a reduction writes becomes
+    resident. Used to refuse a step this machine clearly cannot hold.
     """
-    from moekit.models import as_config, config_with_layers, parameter_census
+    from moekit.estimate import estimate, model_facts
 
-    config = config_with_layers(as_config(setup.model), num_layers)
-    census = parameter_census(config)
-    num_bytes = width(setup.precision)
-    num_trainable = census.num_params if setup.method == "full" else census.num_params // 100
-    tokens = setup.micro_batch * setup.seq_len
-    layers = config.num_hidden_layers
-    activations = tokens * layers * _ROUGH_ACTIVATION_H_PER_TOKEN * config.hidden_size * num_bytes // 2
-    if setup.attn_implementation == "eager":
-        activations += 6 * config.num_attention_heads * setup.seq_len**2 * setup.micro_batch * layers * num_bytes // 2
-    logits = tokens * config.vocab_size * _ROUGH_LOGIT_BYTES_PER_VOCAB
-    return census.num_params * num_bytes + num_trainable * (num_bytes + 16) + activations + logits
+    breakdown = estimate(setup)
+    per_rank = breakdown.total_bytes - breakdown.per_gpu["overhead"] + sum(breakdown.per_host.values()) // setup.gpus_per_node
+    if device == "cpu":
+        per_rank -= breakdown.per_gpu["buffers"]
+    total_layers = model_facts(setup.model).num_layers
+    if num_layers is not None and num_layers < total_layers:
+        per_rank = per_rank * num_layers // total_layers
+    return per_rank
 
 
 def check_fits_this_machine(setup: TrainingSetup, device: str, num_layers: int | None = None) -> None:
     """Raise MeasureError when the step clearly cannot run here (rough bytes vs free memory)."""
-    need = int(rough_step_bytes(setup, num_layers) * _FIT_MARGIN)
+    need = int(step_bytes_here(setup, num_layers, device) * _FIT_MARGIN)
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         where = "free GPU memory"

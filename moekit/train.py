@@ -226,17 +226,18 @@ def check_train_inputs(setup: TrainingSetup, data: str | Path | None = None, *, 
 def check_fits_this_machine(setup: TrainingSetup) -> None:
     """On the CPU, refuse a run whose model clearly cannot be built in this machine's RAM (before building it).
 
-    Uses ``moekit.profile``'s deliberately rough upper bound, the one ``moekit measure`` refuses with; every
-    rank on this machine needs its own copy. On GPUs ``moekit launch`` checks the estimate before starting.
+    Uses the estimate of one rank's step without CUDA's overhead (``moekit.profile.step_bytes_here``, what
+    ``moekit measure`` refuses with); every rank on this machine needs its own copy. On GPUs ``moekit launch``
+    checks the estimate before starting.
     """
     if torch.cuda.is_available():  # DeepSpeed picks its CUDA accelerator then
         return
     import psutil
 
-    from moekit.profile import _FIT_MARGIN, rough_step_bytes
+    from moekit.profile import _FIT_MARGIN, step_bytes_here
 
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", setup.world_size if setup.num_nodes == 1 else 1))
-    need = int(rough_step_bytes(setup) * _FIT_MARGIN) * local_ranks
+    need = int(step_bytes_here(setup) * _FIT_MARGIN) * local_ranks
     free = psutil.virtual_memory().available
     if need > free:
         raise TrainingError(

@@ -6,7 +6,7 @@ import pytest
 
 from moekit.breakdown import CATEGORIES
 from moekit.cli import main
-from moekit.profile import MeasureError, measure, measure_step, rough_step_bytes
+from moekit.profile import MeasureError, measure, measure_step, step_bytes_here
 from moekit.simulate import simulate
 from moekit.step import PHASES
 from moekit.training_setup import LoraSpec, TrainingSetup
@@ -58,7 +58,8 @@ def test_measure_reports_phases_and_bytes_saved_for_backward():
 
 def test_measure_refuses_a_setup_this_machine_cannot_hold():
     mixtral = TrainingSetup(model="mixtral-8x7b", seq_len=4096)
-    assert rough_step_bytes(mixtral) > 2 * 46_702_792_704
+    assert step_bytes_here(mixtral) > 2 * 46_702_792_704  # the 16-bit weights alone, on every ZeRO-2 rank
+    assert step_bytes_here(mixtral, num_layers=2) < step_bytes_here(mixtral) / 10
     with pytest.raises(MeasureError, match="needs roughly .* GiB .* simulate"):
         measure(mixtral, device="cpu")
 
