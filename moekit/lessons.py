@@ -321,6 +321,21 @@ def rank_chart(samples: Sequence, clock: StepClock, *, title: str = "Resident me
     return figure
 
 
+def static_image(figure, *, width: int = 960, height: int = 420):
+    """A PNG of a plotly figure, for a notebook's saved copy (it shows on GitHub and in any viewer, where a
+    live widget's state would be pages of numbers). plotly's kaleido draws it with a local Chrome or
+    Chromium; where none is found the figure itself is returned, with one line saying how to get the PNG.
+    """
+    from IPython.display import Image
+
+    try:
+        return Image(figure.to_image(format="png", width=width, height=height))
+    except Exception as err:  # kaleido finds no browser, or cannot start it
+        print(f"no static image ({type(err).__name__}): showing the interactive figure; a PNG needs Chrome or "
+              "Chromium (`apt-get install chromium`, or `plotly_get_chrome`)")
+        return figure
+
+
 # --------------------------------------------------------------------------------------------
 # Time per training step
 # --------------------------------------------------------------------------------------------
@@ -351,5 +366,5 @@ def seconds_per_step(setup: TrainingSetup, *, steps: int = 3, seed: int = 0, num
 
 
 __all__ = ["GiB", "MiB", "LessonError", "StartedRun", "StepClock", "Table", "TrainingRun", "short_run_plan", "demo_gpus",
-           "finish_training", "free_port", "gib", "live_rank_chart", "require_weights", "mib", "rank_chart", "rank_labels", "run_training",
+           "finish_training", "free_port", "gib", "live_rank_chart", "require_weights", "mib", "rank_chart", "rank_labels", "static_image", "run_training",
            "seconds_per_step", "start_training", "table", "training_env", "without_overhead"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -177,3 +178,15 @@ def test_live_rank_chart_marks_every_step_but_redraws_at_most_once_per_redraw_in
         monitor.listeners[0]([sample])
     assert [step for _, step in clock.step_times] == [1, 2, 3, 4, 5]  # every step seen at its poll
     assert [len(trace.x) for trace in widget.data] == [1]  # drawn once, at the first poll, within the hour
+
+
+def test_static_image_is_a_png_of_the_figure_for_saved_copies():
+    import plotly.graph_objects as go
+
+    from moekit.lessons import static_image
+
+    image = static_image(go.Figure(go.Bar(x=["rank 0"], y=[3])), width=320, height=200)
+    if isinstance(image, go.Figure) and os.environ.get("MOEKIT_SKIP_BROWSER") == "1":
+        pytest.skip("MOEKIT_SKIP_BROWSER=1: no Chromium for kaleido here (make browser-deps installs it)")
+    assert image.data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(image.data[16:20], "big") == 320  # the PNG's width, from its IHDR chunk
