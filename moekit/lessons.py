@@ -366,5 +366,5 @@ def seconds_per_step(setup: TrainingSetup, *, steps: int = 3, seed: int = 0, num
 
 
 __all__ = ["GiB", "MiB", "LessonError", "StartedRun", "StepClock", "Table", "TrainingRun", "short_run_plan", "demo_gpus",
-           "finish_training", "free_port", "gib", "live_rank_chart", "require_weights", "mib", "rank_chart", "rank_labels", "static_image", "run_training",
-           "seconds_per_step", "start_training", "table", "training_env", "without_overhead"]
+           "finish_training", "free_port", "gib", "live_rank_chart", "require_weights", "mib", "rank_chart", "rank_labels",
+           "static_image", "run_training", "seconds_per_step", "start_training", "table", "training_env", "without_overhead"]
