@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moekit.units import GiB
+
 #: The categories, in the order plots stack them.
 CATEGORIES = (
     "weights",  # parameters held on the device (16-bit copies, fp32 masters, 4-bit QLoRA base)
@@ -19,7 +21,6 @@ CATEGORIES = (
     "overhead",  # CUDA context and allocator reserve / fragmentation
 )
 
-GiB = 2**30
 
 
 @dataclass

@@ -41,6 +41,7 @@ from moekit.traps import (
     router_aux_loss_note,
     router_aux_loss_on,
 )
+from moekit.units import BYTES_PER_ELEMENT, GiB, MiB
 from moekit.zero_knobs import zero_knobs
 
 # moekit.models and moekit.arch's readers (torch, transformers) are imported inside the functions that
@@ -53,13 +54,13 @@ from moekit.zero_knobs import zero_knobs
 
 # DeepSpeed's bucket, prefetch and sub-group sizes: moekit.zero_knobs.zero_knobs(setup).
 #: CUDA context + cuBLAS/cuDNN workspaces of one process, as nvidia-smi shows before any tensor exists.
-CUDA_CONTEXT_BYTES = 600 * 2**20
+CUDA_CONTEXT_BYTES = 600 * MiB
 #: The caching allocator reserves more than it hands out (fragmentation); a few % of the peak.
 ALLOCATOR_RESERVE_FRACTION = 0.05
 #: With expandable_segments the allocator maps pages into one growing segment per pool: what it reserves over
 #: the allocated bytes is the rounding to its page sizes (20 MiB large pool + 2 MiB small pool, per the
 #: CUDA caching allocator's kLargeBuffer / kSmallBuffer). Not measured on a GPU here.
-EXPANDABLE_SEGMENTS_RESERVE_BYTES = 22 * 2**20
+EXPANDABLE_SEGMENTS_RESERVE_BYTES = 22 * MiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def _partition(count: int, world_size: int) -> int:
 
 def _base_weight_bytes(setup: TrainingSetup, facts: ModelFacts) -> int:
     """Bytes of the (frozen or trained) base weights in their working precision, whole model."""
-    width = 4 if setup.precision == "fp32" else 2
+    width = _width(setup)
     if setup.method != "qlora":
         return facts.num_params * width + (4 - width) * facts.num_fp32_params
     from moekit.lora import QuantSpec
@@ -358,7 +359,7 @@ def trainability(model: str, method: str, spec: LoraSpec) -> Trainability:
 
 
 def _width(setup: TrainingSetup) -> int:
-    return 4 if setup.precision == "fp32" else 2
+    return BYTES_PER_ELEMENT[setup.precision]
 
 
 def _dtype_name(width_bytes: int) -> str:
@@ -782,7 +783,7 @@ def buffer_bytes(setup: TrainingSetup) -> int:
     under ZeRO-1/2, one under ZeRO-3, which also gathers one whole module at a time (for Mixtral the
     fused experts of a layer, 1.41e9 parameters).
     """
-    width = 4 if setup.precision == "fp32" else 2
+    width = _width(setup)
     knobs = zero_knobs(setup)
     if setup.zero_stage in (1, 2):
         return 2 * width * knobs.reduce_bucket_size  # two reduce buckets (overlap_comm), 16-bit
@@ -828,7 +829,7 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     router_loss = router_aux_loss_term(setup, f)
     activations += router_loss
     loss_saved, loss_backward = loss_bytes_per_token(setup.loss_impl, f.vocab, f.hidden, _width(setup))
-    width = 4 if setup.precision == "fp32" else 2
+    width = _width(setup)
     # Backward starts with the fp32 gradients of the log-softmax and of the logits; with checkpointing
     # a recomputed layer comes later, once those are gone: the larger of the two is the temporary.
     backward_temporary = max(tokens * loss_backward, recomputed)
@@ -933,7 +934,7 @@ def host_or_nvme(setup: TrainingSetup, offloaded_bytes: dict[str, int]) -> tuple
     if setup.offload_device != "nvme" or not offloaded_bytes:
         return dict(offloaded_bytes), {}
     on_disk_bytes = sum(offloaded_bytes.values())
-    note = (f"{on_disk_bytes / 2**30:.1f} GiB per node ({', '.join(sorted(offloaded_bytes))}) on NVMe under {setup.nvme_path}; "
+    note = (f"{on_disk_bytes / GiB:.1f} GiB per node ({', '.join(sorted(offloaded_bytes))}) on NVMe under {setup.nvme_path}; "
             "host RAM holds DeepSpeed's pinned swap buffers only (not modelled)")
     return {}, {"nvme": note}
 

@@ -16,6 +16,7 @@ from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.estimate import estimate, model_facts, num_trainable_params
 from moekit.training_setup import METHODS, OFFLOADS, PRECISIONS, LoraSpec, SetupError, TrainingSetup
+from moekit.units import GiB, width
 from moekit.zero_knobs import zero_knobs
 
 # ---------------------------------------------------------------------------------------------
@@ -69,22 +70,22 @@ def step_time(setup: TrainingSetup) -> StepTime:
     if setup.precision == "fp32":
         compute *= FP32_SLOWDOWN
 
-    width = 4 if setup.precision == "fp32" else 2
+    num_bytes = width(setup.precision)
     trainable = num_trainable_params(setup)
     bandwidth = INTRA_NODE_BYTES_PER_S if setup.num_nodes == 1 else INTER_NODE_BYTES_PER_S
     if setup.world_size == 1:
         communication = 0.0
     elif setup.zero_stage == 3:
-        communication = setup.grad_accum * 3 * width * f.num_params / bandwidth
+        communication = setup.grad_accum * 3 * num_bytes * f.num_params / bandwidth
     else:
-        communication = 2 * width * trainable / bandwidth
+        communication = 2 * num_bytes * trainable / bandwidth
 
     offload = 0.0
     if setup.offload != "none":
         owned = trainable / setup.world_size
-        offload += (4 + width) * owned / PCIE_BYTES_PER_S + owned / CPU_ADAM_PARAMS_PER_S
+        offload += (4 + num_bytes) * owned / PCIE_BYTES_PER_S + owned / CPU_ADAM_PARAMS_PER_S
     if setup.offload == "optimizer+params":
-        offload += setup.grad_accum * 2 * width * f.num_params / setup.world_size / PCIE_BYTES_PER_S
+        offload += setup.grad_accum * 2 * num_bytes * f.num_params / setup.world_size / PCIE_BYTES_PER_S
     return StepTime(compute, communication, offload)
 
 
@@ -221,7 +222,7 @@ class PlanResult:
     def verdict(self) -> str:
         if self.fits:
             return f"{self.num_fit} of {self.num_searched} setups fit; best: {self.fits[0].setup.describe()}"
-        miss_gib = -self.closest.breakdown.headroom_bytes / 2**30
+        miss_gib = -self.closest.breakdown.headroom_bytes / GiB
         return (
             f"nothing fits: of {self.num_searched} setups the closest is {self.closest.setup.describe()}, "
             f"which needs {miss_gib:.1f} GiB more per GPU. Add GPUs or memory, allow offload or LoRA, "
@@ -425,7 +426,7 @@ def first_advice(breakdown: Breakdown) -> str:
     When the weights alone exceed the card, nothing else can help until they are partitioned (ZeRO-3),
     offloaded or quantized (QLoRA); otherwise the largest category is the one to attack.
     """
-    gib, weights = 2**30, breakdown.per_gpu["weights"]
+    gib, weights = GiB, breakdown.per_gpu["weights"]
     if breakdown.gpu_memory_bytes is not None and weights >= breakdown.gpu_memory_bytes:
         return (f"the weights alone ({weights / gib:.1f} GiB per GPU) exceed the {breakdown.gpu_memory_bytes / gib:.0f} "
                 "GiB card: partition them with ZeRO-3 (--zero 3), offload them (--offload optimizer+params) or "

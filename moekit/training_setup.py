@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from moekit.errors import MoekitError
+from moekit.units import GiB
 from moekit.zero_knobs import KNOBS, deepspeed_defaults
 
 Method = Literal["full", "lora", "qlora"]
@@ -32,7 +33,7 @@ LOSS_IMPLS = ("hf", "chunked", "fused")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw")
 
 #: GPU memory is given in GB as GPUs are sold; NVIDIA's "40GB" is 40 GiB (40,960 MiB in nvidia-smi).
-BYTES_PER_GB = 2**30
+BYTES_PER_GB = GiB
 
 
 class SetupError(MoekitError):

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 from moekit.cache import disk_cached
 from moekit.training_setup import TrainingSetup
-
-GiB = 2**30
+from moekit.units import GiB, MiB
 
 # ---------------------------------------------------------------------------------------------
 # The router's auxiliary loss
@@ -182,10 +181,10 @@ def optimizer_note(optimizer: str) -> str:
 
 def overhead_note(context_bytes: int, reserve_fraction: float, expandable_segments: bool = False) -> str:
     if expandable_segments:
-        return (f"CUDA context {context_bytes / 2**20:.0f} MiB (driver, kernels, cuBLAS workspace) + the allocator's "
+        return (f"CUDA context {context_bytes / MiB:.0f} MiB (driver, kernels, cuBLAS workspace) + the allocator's "
                 "page rounding: expandable_segments:True grows one segment per pool instead of reserving new ones "
                 "(set PYTORCH_CUDA_ALLOC_CONF before the first CUDA call; not measured on a GPU here)")
-    return (f"CUDA context {context_bytes / 2**20:.0f} MiB (driver, kernels, cuBLAS workspace) + allocator reserve "
+    return (f"CUDA context {context_bytes / MiB:.0f} MiB (driver, kernels, cuBLAS workspace) + allocator reserve "
             f"{reserve_fraction:.0%} of the peak: nvidia-smi shows reserved, not max_memory_allocated; MoE's "
             "varying tokens per expert fragment the cache (one report: 13 GB allocated, 56 GB reserved): "
             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is the remedy")

@@ -1,7 +1,7 @@
 """Byte units and the width of one number in each precision: the one home for both.
 
 Every module that turns bytes into GiB or MiB, or asks how many bytes a parameter takes in a
-precision, reads it here (``moekit.estimate`` keeps its own copies until it is folded in).
+precision, reads it here.
 """
 
 from __future__ import annotations
