@@ -21,6 +21,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: ``subprocess.Popen`` arguments for a child in a process group of its own, in this session (Python 3.10 has
+#: no ``process_group``: a new session there).
+NEW_PROCESS_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+
+
 def launch_env() -> dict[str, str]:
     """This environment, with this Python's bin folder first, for every process moekit starts.
 

@@ -175,7 +175,7 @@ def measure_engine(
 def _measure_in(setup: TrainingSetup, folder: Path, steps: int, seed: int, progress: bool, timeout_s: float,
                 device: str, estimated: Breakdown) -> EngineMeasurement:
     from moekit.checkpoints import save_setup
-    from moekit.distributed import free_port, launch_env
+    from moekit.distributed import NEW_PROCESS_GROUP, free_port, launch_env
 
     folder.mkdir(parents=True, exist_ok=True)
     setup_path = save_setup(setup, folder / "setup.json")
@@ -192,7 +192,9 @@ def _measure_in(setup: TrainingSetup, folder: Path, steps: int, seed: int, progr
     launcher_log = folder / "launcher.log"
     try:
         with launcher_log.open("w") as log:
-            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # a process group of its own (so a timeout kills every rank), in this session: a session of its own
+            # would also be a scheduling group of its own under Linux's autogroup, escaping the caller's nice
+            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, **NEW_PROCESS_GROUP)
             try:
                 returncode = _wait_with_progress(process, folder, setup, steps, progress, timeout_s)
             finally:
