@@ -341,7 +341,7 @@ class MemoryCallback(TrainerCallback):
         if not breakdown.fits:
             message = (
                 f"this run needs {breakdown.total_bytes / GiB:.2f} GiB per rank, more than the "
-                f"{setup.gpu_memory_gb:g} GB it has (largest: {breakdown.largest_category()}); {advice(setup)}"
+                f"{setup.gpu_memory_gb:.4g} GB it has (largest: {breakdown.largest_category()}); {advice(setup)}"
             )
             if self.stop_if_not_fit:
                 raise HfSetupError(f"stopped before the first step: {message}")

@@ -219,7 +219,7 @@ def fit_verdict(setup: TrainingSetup) -> tuple[bool | None, str]:
         return None, "no memory estimate available (moekit.estimate missing): the fit check is skipped"
     breakdown = estimate(setup)
     note = (
-        f"estimate: {breakdown.total_bytes / GiB:.1f} GiB per GPU of {setup.gpu_memory_gb:g} GB -> {breakdown.verdict()}"
+        f"estimate: {breakdown.total_bytes / GiB:.1f} GiB per GPU of {setup.gpu_memory_gb:.4g} GB -> {breakdown.verdict()}"
         f" (largest: {breakdown.largest_category()})"
     )
     return breakdown.fits, note

@@ -11,14 +11,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
+import io
 import json
 import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -321,6 +323,35 @@ def rank_chart(samples: Sequence, clock: StepClock, *, title: str = "Resident me
     return figure
 
 
+@dataclass
+class Answer:
+    """A solution's printed answer, shown folded under a summary line (``answer``)."""
+
+    text: str
+    summary: str = "Show the answer"
+
+    def _repr_html_(self) -> str:
+        return f"<details><summary>{html.escape(self.summary)}</summary><pre>{html.escape(self.text)}</pre></details>"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+@contextlib.contextmanager
+def answer(summary: str = "Show the answer") -> Iterator[None]:
+    """What a solution cell prints inside this block is shown folded, under ``summary``.
+
+    JupyterLab unfolds a cell's outputs whenever it runs, so a collapsed solution cell alone would show its
+    answer right under the exercise after Run All; an HTML ``<details>`` stays folded until clicked.
+    """
+    from IPython.display import display
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        yield
+    display(Answer(printed.getvalue().rstrip("\n"), summary))
+
+
 def static_image(figure, *, width: int = 960, height: int = 420):
     """A PNG of a plotly figure, for a notebook's saved copy (it shows on GitHub and in any viewer, where a
     live widget's state would be pages of numbers). plotly's kaleido draws it with a local Chrome or
@@ -365,6 +396,9 @@ def seconds_per_step(setup: TrainingSetup, *, steps: int = 3, seed: int = 0, num
     return statistics.median(times[1:])
 
 
-__all__ = ["GiB", "MiB", "LessonError", "StartedRun", "StepClock", "Table", "TrainingRun", "short_run_plan", "demo_gpus",
-           "finish_training", "free_port", "gib", "live_rank_chart", "require_weights", "mib", "rank_chart", "rank_labels",
-           "static_image", "run_training", "seconds_per_step", "start_training", "table", "training_env", "without_overhead"]
+__all__ = [
+    "Answer", "GiB", "LessonError", "MiB", "StartedRun", "StepClock", "Table", "TrainingRun", "answer",
+    "demo_gpus", "finish_training", "free_port", "gib", "live_rank_chart", "mib", "rank_chart", "rank_labels",
+    "require_weights", "run_training", "seconds_per_step", "short_run_plan", "start_training", "static_image",
+    "table", "training_env", "without_overhead",
+]

@@ -254,7 +254,7 @@ class TrainingSetup:
         return (
             f"{self.model} {method} {self.precision} ZeRO-{self.zero_stage}{offload}{ckpt}{traps} "
             f"seq {self.seq_len} x mb {self.micro_batch} on {self.num_nodes}x{self.gpus_per_node} "
-            f"x {self.gpu_memory_gb:g} GB"
+            f"x {self.gpu_memory_gb:.4g} GB"
         )
 
 

@@ -85,7 +85,7 @@ def verdict_html(setup: TrainingSetup, breakdown: Breakdown) -> str:
     color, word = ("green", "FITS") if breakdown.fits else ("red", "DOES NOT FIT")
     return (
         f"<b style='color:{color}'>{word}</b>: peak {breakdown.total_bytes / GiB:.1f} GiB of "
-        f"{setup.gpu_memory_gb:g} GB per GPU, headroom {headroom:+.1f} GiB; "
+        f"{setup.gpu_memory_gb:.4g} GB per GPU, headroom {headroom:+.1f} GiB; "
         f"largest: <b>{breakdown.largest_category()}</b> ({breakdown.per_gpu[breakdown.largest_category()] / GiB:.1f} GiB)"
     )
 

@@ -190,3 +190,13 @@ def test_static_image_is_a_png_of_the_figure_for_saved_copies():
         pytest.skip("MOEKIT_SKIP_BROWSER=1: no Chromium for kaleido here (make browser-deps installs it)")
     assert image.data[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(image.data[16:20], "big") == 320  # the PNG's width, from its IHDR chunk
+
+
+def test_a_solutions_answer_is_shown_folded_under_a_summary(capsys):
+    from moekit.lessons import Answer, answer
+
+    with answer():
+        print("r=8 saves 0.25 GiB <of> 40")
+    assert capsys.readouterr().out.strip() == "r=8 saves 0.25 GiB <of> 40"  # the text repr, as a terminal shows it
+    html = Answer("a < b").__class__("a < b")._repr_html_()
+    assert html == "<details><summary>Show the answer</summary><pre>a &lt; b</pre></details>"
