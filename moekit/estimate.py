@@ -294,6 +294,10 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
     if setup.offload != "none":
         host["optimizer_states"] = optimizer * ranks_per_host
         host["gradients"] = 4 * owned * ranks_per_host
+        if stage == 3:
+            # ZeRO-3 keeps its 16-bit gradient partitions (grad_partitions_flat_buffer, stage3.py
+            # _setup_for_real_optimizer) on self.device, the CPU when the optimizer is offloaded, besides the fp32 ones.
+            host["gradients"] += width * owned * ranks_per_host
         optimizer, step_temporary = 0, 0
         if stage >= 2:
             gradients = 0
@@ -788,13 +792,54 @@ def buffer_bytes(setup: TrainingSetup) -> int:
     if setup.zero_stage in (1, 2):
         return 2 * width * knobs.reduce_bucket_size  # two reduce buckets (overlap_comm), 16-bit
     if setup.zero_stage == 3:
-        f = model_facts(setup.model)
-        # prefetch stops at stage3_prefetch_bucket_size, and never passes stage3_max_live_parameters gathered
-        prefetched = min(knobs.stage3_prefetch_bucket_size, knobs.stage3_max_live_parameters,
-                         f.second_largest_module_params)
-        gathered = max(f.largest_module_params + prefetched, zero3_kept_gathered_params(setup))
-        return width * (knobs.reduce_bucket_size + gathered)  # one reduce bucket + gathered 16-bit weights
+        return width * knobs.reduce_bucket_size + zero3_gathered_bytes(setup)  # one reduce bucket + gathered weights
     return 0
+
+
+def zero3_gathered_bytes(setup: TrainingSetup) -> int:
+    """16-bit weights ZeRO-3 holds gathered in forward and backward: the module computing and the one prefetched,
+    or every module kept for reuse (zero3_kept_gathered_params), whichever is more."""
+    f = model_facts(setup.model)
+    knobs = zero_knobs(setup)
+    # prefetch stops at stage3_prefetch_bucket_size, and never passes stage3_max_live_parameters gathered
+    prefetched = min(knobs.stage3_prefetch_bucket_size, knobs.stage3_max_live_parameters, f.second_largest_module_params)
+    gathered = max(f.largest_module_params + prefetched, zero3_kept_gathered_params(setup))
+    return _width(setup) * gathered
+
+
+def zero3_prefetch_flat_bytes(setup: TrainingSetup) -> int:
+    """ZeRO-3's flat all-gather buffer of one coalesced prefetch, alive beside the parameters' own copies.
+
+    Once the first step has traced the modules, each fetch prefetches the next parameters of the trace, up to
+    ``stage3_prefetch_bucket_size`` elements and never past ``stage3_max_live_parameters``
+    (``_fetch_sub_module_impl`` in partitioned_param_coordinator.py), in one ``all_gather_coalesced``:
+    ``_all_gather_dtype`` (partition_parameters.py) gathers them into one flat tensor of the working dtype, and
+    ``AllGatherCoalescedHandle.wait`` gives each parameter its own copy (``torch.cat``). The handle, and with it
+    the flat tensor, stays in ``__inflight_param_registry`` until the last parameter it carries has been fetched
+    by its module; the small preset's whole model is one such prefetch, alive to the end of forward.
+    """
+    if setup.zero_stage != 3:
+        return 0
+    knobs = zero_knobs(setup)
+    prefetched = min(knobs.stage3_prefetch_bucket_size, knobs.stage3_max_live_parameters,
+                     model_facts(setup.model).num_params)
+    return _width(setup) * prefetched
+
+
+def zero3_reduce_flat_bytes(setup: TrainingSetup, num_trainable: int) -> int:
+    """ZeRO-3's flat copy of one reduce bucket's gradients, made each time it reduces a bucket.
+
+    ``__avg_scatter_grads`` (stage3.py) hands the bucket's gradients to ``reduce_scatter_coalesced``
+    (runtime/comm/coalesced_collectives.py), which interleaves them rank by rank into one new tensor
+    (``torch.cat(tensor_partitions_lst_with_padding)``) in the communication dtype (the working dtype) and
+    reduce-scatters that; ``partition_grads`` then copies this rank's chunk into the gradient partitions, and
+    the copy is freed. A bucket holds at most ``reduce_bucket_size`` elements, and no more than the trainable
+    parameters. (A bucket of a single tensor whose size divides by the ranks is scattered without the copy;
+    gloo on the CPU clones the flat tensor once more inside ``reduce_scatter_tensor``: not counted, NCCL does not.)
+    """
+    if setup.zero_stage != 3:
+        return 0
+    return _width(setup) * min(zero_knobs(setup).reduce_bucket_size, num_trainable)
 
 
 def overhead_bytes(peak_allocated_bytes: int, expandable_segments: bool = False) -> int:
@@ -835,6 +880,10 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     backward_temporary = max(tokens * loss_backward, recomputed)
     if setup.method == "full" and setup.zero_stage >= 2:
         whole_gradient = width * f.largest_param_per_layer + RECOMPUTED_SHARE_AT_EXPERT_GRADIENT * recomputed
+        if num_trainable > zero_knobs(setup).reduce_bucket_size:
+            # ZeRO-3 reduces a full bucket when the next gradient does not fit in it, while that gradient is alive
+            # (reduce_independent_p_g_buckets_and_remove_grads, stage3.py): the bucket's flat copy comes with it.
+            whole_gradient += zero3_reduce_flat_bytes(setup, num_trainable)
         backward_temporary = max(backward_temporary, int(whole_gradient))
     buffers = buffer_bytes(setup)
     weights_and_optimizer = states.weights_bytes + states.optimizer_bytes
@@ -856,9 +905,22 @@ def estimate(setup: TrainingSetup, *, num_layers: int | None = None) -> Breakdow
     logits_gradient = tokens * f.vocab * width if setup.method == "full" and setup.loss_impl == "hf" else 0
     first_gradient = (weights_and_optimizer + early_gradients + activations - tokens * loss_saved + logits_gradient
                       + recomputed_then + buffers)
-    step = weights_and_optimizer + states.gradients_bytes + states.step_temporary_bytes + persistent_buffers
-    allocated = max(backward_start, first_gradient, step)
+    # ZeRO-3's step first releases every gathered parameter (_partition_all_parameters in stage3.py's step):
+    # of its buffers only the reduce bucket is left.
+    step_buffers = persistent_buffers - zero3_gathered_bytes(setup) if setup.zero_stage == 3 else 0
+    step = weights_and_optimizer + states.gradients_bytes + states.step_temporary_bytes + step_buffers
+    # ZeRO-3 reduces the last bucket in backward's epilogue (independent_gradient_partition_epilogue, stage3.py),
+    # once the activations are gone: the bucket's flat copy on top of the states and the buffers.
+    reduce_flat = zero3_reduce_flat_bytes(setup, num_trainable)
+    epilogue = weights_and_optimizer + states.gradients_bytes + persistent_buffers + reduce_flat if reduce_flat else 0
+    # Near the end of forward (before the loss) ZeRO-3 may still hold a prefetch's flat all-gather buffer.
+    prefetch_flat = zero3_prefetch_flat_bytes(setup)
+    forward_end = (weights_and_optimizer + early_gradients + activations - tokens * loss_saved + persistent_buffers
+                   + prefetch_flat) if prefetch_flat else 0
+    allocated = max(backward_start, first_gradient, step, epilogue, forward_end)
     temporaries = states.step_temporary_bytes if allocated == step and step > backward_start else backward_temporary
+    if allocated > max(backward_start, first_gradient, step):
+        temporaries = reduce_flat if allocated == epilogue else prefetch_flat
     per_gpu = {
         "weights": states.weights_bytes,
         "gradients": states.gradients_bytes,

@@ -661,6 +661,8 @@ class _RankStates:
         owned = self.layout.owned_numel
         master = 4 * owned if self.keeps_master_copy else 0
         host = {"optimizer_states": ranks * (master + 8 * owned), "gradients": ranks * 4 * owned}
+        if self.stage == 3:  # ZeRO-3's 16-bit gradient partitions (grad_partitions_flat_buffer) live on the CPU too
+            host["gradients"] += ranks * self.dtype.itemsize * owned
         if self.setup.offload == "optimizer+params":
             host["weights"] = ranks * self.dtype.itemsize * self.layout.weight_numel
         return host

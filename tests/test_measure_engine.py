@@ -15,7 +15,7 @@ import pytest
 
 from moekit.cli import main
 from moekit.estimate import estimate
-from moekit.measure_engine import PHASES, EngineMeasureError, Timeline, measure_engine
+from moekit.measure_engine import PHASES, UNRECORDED_FREE, EngineMeasureError, Timeline, _add_unrecorded_frees, measure_engine
 from moekit.training_setup import TrainingSetup
 
 TOLERANCE = 0.03
@@ -98,6 +98,24 @@ def test_timeline_sums_allocation_events_in_time_order_and_peaks_per_phase():
     timeline = Timeline(times, live, ranges, events)
     assert timeline.phase_peaks() == {"build": 100, "forward": 150, "backward": 350, "optimizer_step": 50}
     assert timeline.live_at(45) == 350 and timeline.live_at(5) == 0
+
+
+def test_frees_the_profiler_missed_are_put_back_at_reuse_or_when_the_collective_returns():
+    # gloo frees its reduce-scatter clone on its worker thread: the profiler sees the allocation, never the free
+    events = [
+        (10, 100, 1, "moekit:backward > c10d::_reduce_scatter_base_ > aten::clone"),  # free never recorded
+        (20, 50, 2, "aten::empty"),  # freed on another thread: its address comes back at 40
+        (30, 70, 3, "aten::empty"),
+        (35, -70, 3, "aten::empty"),  # a recorded free: nothing added
+        (30, 5, 4, "aten::empty"),
+        (40, 60, 2, "aten::empty"),
+    ]
+    fixed = _add_unrecorded_frees(events, {(10, 1): 15})
+    added = [event for event in fixed if event[3].startswith(UNRECORDED_FREE)]
+    assert [(t, size, ptr) for t, size, ptr, _ in added] == [(15, -100, 1), (40, -50, 2)]
+    assert fixed.index(added[1]) < fixed.index((40, 60, 2, "aten::empty"))  # freed before its address is reused
+    assert sum(size for _, size, _, _ in fixed) == 65  # only what is really live at the end: blocks 2' and 4
+    assert [t for t, *_ in fixed] == sorted(t for t, *_ in fixed)
 
 
 def test_cli_measure_engine_deepspeed_prints_each_rank_beside_the_estimate(capsys):
