@@ -314,9 +314,14 @@ def live_rank_chart(monitor, run_dir: str | Path, *, title: str = "Resident memo
 
 
 def rank_chart(samples: Sequence, clock: StepClock, *, title: str = "Resident memory of each rank"):
-    """The ranks' memory over time with a dotted line at the end of each step (a plain plotly Figure)."""
+    """The ranks' memory over time with a dotted line at the end of each step (a plain plotly Figure).
+
+    A process that has exited reads 0 bytes: those samples are left out, so a line ends where its rank did
+    instead of dropping to zero as if it had crashed.
+    """
     from moekit.viz import monitor_figure
 
+    samples = [sample for sample in samples if sample.used_bytes > 0]
     labels = rank_labels(list(dict.fromkeys(sample.label for sample in samples)))
     figure = monitor_figure(samples, title=title, labels=labels or None, step_times=clock.step_times)
     figure.update_layout(height=420, width=960)
