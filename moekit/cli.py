@@ -32,7 +32,7 @@ from moekit.training_setup import (
     TrainingSetup,
 )
 from moekit.units import GiB
-from moekit.zero_knobs import MEANING
+from moekit.zero_knobs import MEANING, deepspeed_defaults
 
 # --------------------------------------------------------------------------------------------
 # Flag types: bad values are one-line usage errors
@@ -122,7 +122,9 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
                    help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: a smaller allocator reserve (CUDA)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                    help="adamw, bitsandbytes' adamw_8bit or paged_adamw (default: %(default)s)")
-    z = parser.add_argument_group("DeepSpeed ZeRO sizes, in elements (default: DeepSpeed's own, e.g. 5e8)")
+    reduce_default = deepspeed_defaults()["reduce_bucket_size"]
+    z = parser.add_argument_group(f"DeepSpeed ZeRO sizes, in elements (default: DeepSpeed's own, e.g. "
+                                  f"reduce_bucket_size {reduce_default:,})")
     for knob, meaning in MEANING.items():
         z.add_argument(f"--{knob.replace('_', '-')}", type=elements, default=None, metavar="N", help=meaning)
 
