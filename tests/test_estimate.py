@@ -18,6 +18,7 @@ from moekit.estimate import (
 )
 from moekit.models import parameter_census
 from moekit.training_setup import LoraSpec, TrainingSetup
+from moekit.zero_knobs import deepspeed_defaults
 
 P_MIXTRAL = 46_702_792_704
 LORA_MIXTRAL = 223_346_688  # r=16 on q/k/v/o and both fused expert tensors
@@ -190,7 +191,8 @@ def test_zero3_transients_follow_deepspeeds_own_buffers():
     assert allocated / mib == pytest.approx(1170.4, rel=0.003)
     # the step: 16-bit partition, fp32 master and moments, gradient partition, fp32 gradient, one reduce bucket
     owned = -(-num_params // 2)
-    step = 2 * owned + 12 * owned + 2 * owned + (4 + 2) * owned + 2 * 500_000_000
+    bucket = deepspeed_defaults()["reduce_bucket_size"]
+    step = 2 * owned + 12 * owned + 2 * owned + (4 + 2) * owned + 2 * bucket
     assert step / mib == pytest.approx(1138.0, abs=0.5) and step < allocated
     # under optimizer offload ZeRO-3's 16-bit gradient partitions live on the host beside the fp32 ones
     off = estimate(full(zero_stage=3, offload="optimizer"))
