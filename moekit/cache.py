@@ -93,6 +93,18 @@ def shipped_facts() -> dict[str, Any]:
 SHIPPED_FACTS = "presets/facts.json"
 
 
+def write_json_quietly(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a reader never sees half a file); a cache that cannot be
+    written is skipped silently."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
 def disk_cached(kind: str, decode: Callable[[Any], T]) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Cache ``fn(model, *args)`` on disk (and in memory); ``decode`` rebuilds the value from its JSON.
 
@@ -122,13 +134,7 @@ def disk_cached(kind: str, decode: Callable[[Any], T]) -> Callable[[Callable[...
             value = fn(model, *args)
             data = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
             record = {"kind": kind, "model": model, "args": arg_reprs, "value": data}
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(record))
-                tmp.replace(path)  # atomic: a reader never sees half a file
-            except OSError:
-                pass
+            write_json_quietly(path, record)
             return value
 
         return cached

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from importlib import metadata, resources
 
@@ -90,7 +89,7 @@ def _defaults_for(version: str) -> dict[str, int]:
     shipped = _shipped()
     if shipped.get("deepspeed") == version:
         return shipped["defaults"]
-    from moekit.cache import cache_dir
+    from moekit.cache import cache_dir, write_json_quietly
 
     path = cache_dir() / f"deepspeed-defaults-{version}.json"
     try:
@@ -98,13 +97,7 @@ def _defaults_for(version: str) -> dict[str, int]:
     except (OSError, ValueError):
         pass
     defaults = read_deepspeed_defaults()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(defaults))
-        tmp.replace(path)  # atomic: a reader never sees half a file
-    except OSError:
-        pass
+    write_json_quietly(path, defaults)
     return defaults
 
 

@@ -198,5 +198,5 @@ def test_a_solutions_answer_is_shown_folded_under_a_summary(capsys):
     with answer():
         print("r=8 saves 0.25 GiB <of> 40")
     assert capsys.readouterr().out.strip() == "r=8 saves 0.25 GiB <of> 40"  # the text repr, as a terminal shows it
-    html = Answer("a < b").__class__("a < b")._repr_html_()
+    html = Answer("a < b")._repr_html_()
     assert html == "<details><summary>Show the answer</summary><pre>a &lt; b</pre></details>"
