@@ -84,30 +84,31 @@ def _load_quantized(setup: TrainingSetup, folder: Path | None) -> torch.nn.Modul
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.activation_checkpointing)
 
 
-def add_lora(model: torch.nn.Module, spec: LoraSpec, lora_config=None, working_dtype: torch.dtype | None = None
-             ) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, spec: LoraSpec, lora_config=None, working_dtype: torch.dtype | None = None,
+             adapter_dtype: torch.dtype | None = None, autocast_adapter_dtype: bool = True) -> torch.nn.Module:
     """``moekit.lora.apply_lora``, or ``get_peft_model`` with a LoraConfig resolved beforehand.
 
     Under zero.Init the parameters are partitioned (they look empty until gathered), so moekit
     resolves the targets from the preset or config before building (``peft_config_for(setup)``)
     and passes that config here. working_dtype: build the adapters in this dtype and give every
-    trainable weight this dtype, as DeepSpeed's engine does (the memory harness, on FakeTensors).
+    trainable weight adapter_dtype (default: the same), as DeepSpeed's engine leaves them
+    (``moekit.traps.adapter_precision``; the memory harness, on FakeTensors).
     """
     if lora_config is not None:
         from peft import get_peft_model
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
-            return get_peft_model(model, lora_config)
+            return get_peft_model(model, lora_config, autocast_adapter_dtype=autocast_adapter_dtype)
     from moekit.lora import apply_lora
 
     if working_dtype is None:
-        return apply_lora(model, spec)
+        return apply_lora(model, spec, autocast_adapter_dtype)
     from moekit.models import default_dtype
 
     with default_dtype(working_dtype), mock.patch.object(torch.nn.Module, "to", _to_if_needed(torch.nn.Module.to)):
-        model = apply_lora(model, spec)
-    _cast_trainable(model, working_dtype)
+        model = apply_lora(model, spec, autocast_adapter_dtype)
+    _cast_trainable(model, adapter_dtype or working_dtype)
     return model
 
 
@@ -119,14 +120,15 @@ def moe_block_classes(model: torch.nn.Module) -> list[type]:
 
 
 def prepare_for_training(model: torch.nn.Module, setup: TrainingSetup, lora_config=None,
-                         working_dtype: torch.dtype | None = None) -> torch.nn.Module:
+                         working_dtype: torch.dtype | None = None,
+                         adapter_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """No KV cache, activation checkpointing, then LoRA (or every weight trainable for a full
     fine-tune), in train mode: the one preparation the real run and the memory harness share."""
     model.config.use_cache = False
     if setup.activation_checkpointing:
         enable_activation_checkpointing(model)
     if setup.uses_lora:
-        model = add_lora(model, setup.lora, lora_config, working_dtype)
+        model = add_lora(model, setup.lora, lora_config, working_dtype, adapter_dtype, setup.autocast_adapter_dtype)
     elif setup.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -185,7 +187,7 @@ def _to_if_needed(original: Callable) -> Callable:
 
 
 def _cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Give trainable parameters the working dtype, as DeepSpeed's engine does (new Parameters, no swap)."""
+    """Give trainable parameters the dtype DeepSpeed's engine leaves them in (new Parameters, no swap)."""
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.requires_grad and param.dtype != dtype:

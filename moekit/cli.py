@@ -120,6 +120,9 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
                    help="hf: transformers' fp32 logits; chunked/fused linear-cross-entropy (default: %(default)s)")
     g.add_argument("--expandable-segments", action="store_true",
                    help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: a smaller allocator reserve (CUDA)")
+    g.add_argument("--no-adapter-upcast", action="store_true",
+                   help="keep LoRA adapters in the working dtype (peft's autocast_adapter_dtype=False); under ZeRO-3's "
+                   "zero.Init peft's fp32 adapters otherwise stay fp32, and each adapted Linear saves an fp32 input")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                    help="adamw, bitsandbytes' adamw_8bit or paged_adamw (default: %(default)s)")
     reduce_default = deepspeed_defaults()["reduce_bucket_size"]
@@ -207,6 +210,7 @@ def _setup_from_flags(args: argparse.Namespace) -> TrainingSetup:
         loss_impl=args.loss_impl,
         optimizer=args.optimizer,
         expandable_segments=args.expandable_segments,
+        autocast_adapter_dtype=not args.no_adapter_upcast,
         attn_implementation=args.attn,
         **{knob: getattr(args, knob) for knob in MEANING},
     )

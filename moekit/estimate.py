@@ -29,6 +29,8 @@ from moekit.cache import disk_cached
 from moekit.errors import MoekitError
 from moekit.training_setup import LoraSpec, SetupError, TrainingSetup
 from moekit.traps import (
+    adapter_note,
+    adapter_precision,
     load_phase,
     loss_bytes_per_token,
     loss_note,
@@ -289,7 +291,8 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
         step_temporary = flattened if stage in (1, 3) else 0
     host: dict[str, int] = {}
     if stage == 3 and setup.method != "qlora":
-        weights = width * _partition(facts.num_params + adapters, n)
+        adapter_width = BYTES_PER_ELEMENT[adapter_precision(setup, facts.arch.model_type)]  # fp32 under zero.Init
+        weights = width * _partition(facts.num_params, n) + adapter_width * _partition(adapters, n)
     ranks_per_host = setup.gpus_per_node
     if setup.offload != "none":
         host["optimizer_states"] = optimizer * ranks_per_host
@@ -331,6 +334,8 @@ class Trainability:
     shared_experts_lora: bool
     mlp_lora: bool  # dense models' gate/up/down_proj
     attention_lora: tuple[str, ...] = ()  # the adapted attention Linears' own names (q_b_proj, o_proj...)
+    #: every adapted weight as (group, own name): ("attention", "q_proj"), ("shared_experts", "down_proj")...
+    adapted: tuple[tuple[str, str], ...] = ()
 
     def attention_trains(self, name: str) -> bool:
         """Whether an attention Linear's input is saved: it trains, or carries a LoRA."""
@@ -359,11 +364,23 @@ def trainability(model: str, method: str, spec: LoraSpec) -> Trainability:
         shared_experts_lora=bool(groups.get("shared_experts")),
         mlp_lora=bool(groups.get("mlp")),
         attention_lora=leaves,
+        adapted=tuple((group, name.split(".")[-1]) for group, names in groups.items() for name in names),
     )
 
 
 def _width(setup: TrainingSetup) -> int:
     return BYTES_PER_ELEMENT[setup.precision]
+
+
+def _adapter_width(setup: TrainingSetup) -> int:
+    """Bytes per LoRA adapter element: fp32 under ZeRO-3's zero.Init (``moekit.traps.adapter_precision``)."""
+    return BYTES_PER_ELEMENT[adapter_precision(setup, model_facts(setup.model).arch.model_type)]
+
+
+def _zero3_linear(setup: TrainingSetup) -> bool:
+    """Whether DeepSpeed's ZeRO-3 linear runs every ``F.linear``: it saves the input of a frozen Linear too
+    (``LinearFunctionForZeroStage3``, deepspeed/runtime/zero/linear.py; zero.Init's memory_efficient_linear)."""
+    return setup.zero_stage == 3
 
 
 def _dtype_name(width_bytes: int) -> str:
@@ -408,29 +425,29 @@ def attention_terms(setup: TrainingSetup) -> list[SavedTensor]:
     w = _width(setup)
     d = _dtype_name(w)
     h, heads = a.hidden, a.num_heads
+    z3 = _zero3_linear(setup)  # DeepSpeed's ZeRO-3 linear saves a frozen Linear's input too
     terms = _norm_terms(a, "attention", "input_layernorm", w, h, "hidden", t.full)
-    if t.full or t.qkv_lora:
+    if t.full or t.qkv_lora or z3:
         terms.append(SavedTensor("attention", "q/k/v projections' input", "[hidden]", d,
-                                 "the input projections' weight (or LoRA A) gradients", w * h))
-    if t.num_attention_lora:
-        terms.append(SavedTensor("attention", f"LoRA A outputs x {t.num_attention_lora}", f"[r={setup.lora.r}] each",
-                                 d, "LoRA B's gradient", w * setup.lora.r * t.num_attention_lora))
+                                 "the input projections' weight (or LoRA A) gradients"
+                                 + ("; DeepSpeed's ZeRO-3 linear saves it anyway" if z3 else ""), w * h))
+    terms += adapter_terms(setup, "attention", ("attention",))
     if a.attention == "mla":
         # Compressed query (V3) and key/value latent: each normalized, then read by its up-projection.
         if a.q_lora_rank:
             terms += _norm_terms(a, "attention", "q_a_layernorm", w, a.q_lora_rank, "q_lora_rank", t.full)
-            if t.attention_trains("q_b_proj"):
+            if t.attention_trains("q_b_proj") or z3:
                 terms.append(SavedTensor("attention", "q_b_proj input", "[q_lora_rank]", d, "q_b_proj's gradient",
                                          w * a.q_lora_rank))
         terms += _norm_terms(a, "attention", "kv_a_layernorm", w, a.kv_lora_rank, "kv_lora_rank", t.full)
-        if t.attention_trains("kv_b_proj"):
+        if t.attention_trains("kv_b_proj") or z3:
             terms.append(SavedTensor("attention", "kv_b_proj input", "[kv_lora_rank]", d, "kv_b_proj's gradient",
                                      w * a.kv_lora_rank))
         if _uses_math_sdpa(a, setup.attn_implementation):
             # math SDPA: fp32 q, k, v (the s^2 probabilities are in mla_math_bytes); o_proj's input.
             terms.append(SavedTensor("attention", "math SDPA q, k, v (upcast)", "[q_dim] + [k_dim] + [v_dim]", "fp32",
                                      "the math path's matmul backward", 4 * (a.q_dim + a.k_dim + a.v_dim)))
-            if t.attention_trains("o_proj"):
+            if t.attention_trains("o_proj") or z3:
                 terms.append(SavedTensor("attention", "o_proj input", "[v_dim]", d, "o_proj's gradient", w * a.v_dim))
             return terms
         return terms + _sdpa_terms(a, w)
@@ -452,7 +469,7 @@ def attention_terms(setup: TrainingSetup) -> list[SavedTensor]:
             SavedTensor("attention", "sink logits' max", "[heads]", "int64", "the softmax with sinks", 8 * heads),
         ]
     terms += _sdpa_terms(a, w)
-    if a.rotary_table_width < 2 * a.head_dim and t.attention_trains("o_proj"):
+    if a.rotary_table_width < 2 * a.head_dim and (t.attention_trains("o_proj") or z3):
         # Partial rotary (GLM) concatenates q back head-major, so SDPA's output comes out head-major
         # and o_proj reads a token-major copy of it.
         terms.append(SavedTensor("attention", "o_proj input (token-major copy)", "[q_dim]", d, "o_proj's gradient",
@@ -472,13 +489,46 @@ def _sdpa_terms(a: Arch, w: int) -> list[SavedTensor]:
     ]
 
 
+def _adapter_in_features(a: Arch, group: str, name: str) -> int:
+    """The input width of an adapted Linear: what its LoRA A reads."""
+    if name == "q_b_proj":
+        return a.q_lora_rank
+    if name == "kv_b_proj":
+        return a.kv_lora_rank
+    if name == "o_proj":
+        return a.v_dim if a.attention == "mla" else a.q_dim
+    if name == "down_proj":
+        return a.shared_ffn if group == "shared_experts" else a.dense_ffn
+    return a.hidden  # q/k/v, q_a/kv_a, MLA's q_proj, gate/up_proj, the shared expert's gate
+
+
+def adapter_terms(setup: TrainingSetup, block: str, groups: tuple[str, ...]) -> list[SavedTensor]:
+    """What the LoRA adapters on this block's Linears save per token: LoRA A's output (for B's gradient) and,
+    with fp32 adapters (``moekit.traps.adapter_precision``), the fp32 copy of its input that each adapted
+    Linear makes for LoRA A (peft's ``_cast_input_dtype``), which A saves for its gradient; 16-bit adapters
+    read the Linear's own input instead, counted with the block."""
+    a = model_facts(setup.model).arch
+    t = trainability(setup.model, setup.method, setup.lora)
+    adapted = [(group, name) for group, name in t.adapted if group in groups]
+    if not adapted:
+        return []
+    aw, r = _adapter_width(setup), setup.lora.r
+    terms = [SavedTensor(block, f"LoRA A outputs x {len(adapted)}", f"[r={r}] each", _dtype_name(aw),
+                         "LoRA B's gradient", aw * r * len(adapted))]
+    if aw != _width(setup):
+        terms.append(SavedTensor(block, f"LoRA inputs upcast to fp32 x {len(adapted)}", "[in_features] each", "fp32",
+                                 "LoRA A's gradient (fp32 adapters under zero.Init)",
+                                 aw * sum(_adapter_in_features(a, group, name) for group, name in adapted)))
+    return terms
+
+
 def router_terms(setup: TrainingSetup) -> list[SavedTensor]:
     """What the router of one MoE layer saves per token: its input when it trains, scores, top-k."""
     a = model_facts(setup.model).arch
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     E, k = a.num_experts, a.experts_per_token
-    trains = t.full or t.router_lora
+    trains = t.full or t.router_lora or _zero3_linear(setup)  # ZeRO-3's linear saves a frozen router's input too
     if a.router_scoring == "sigmoid" or a.router_fp32:
         # fp32 input, sigmoid scores, the group mask (bool), group top-2 and group indices (int64),
         # the top-k indices (int64) and weights (fp32), the renormalizing sum.
@@ -532,16 +582,18 @@ def ffn_terms(setup: TrainingSetup, layer: LayerArch) -> list[SavedTensor]:
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     d = _dtype_name(w)
+    z3 = _zero3_linear(setup)  # DeepSpeed's ZeRO-3 linear saves a frozen Linear's input too
     terms = _norm_terms(a, "mlp", "post_attention_layernorm", w, a.hidden, "hidden", t.full)
     if not layer.moe:
-        mlp_trains = t.full or t.mlp_lora
+        mlp_trains = t.full or t.mlp_lora or z3
         return terms + [SavedTensor("mlp", "dense MLP", "[hidden] + [ffn] x 4" if mlp_trains else "[ffn] x 3", d,
                                     "the MLP's backward",
-                                    (w * a.hidden + 4 * w * a.dense_ffn) if mlp_trains else 3 * w * a.dense_ffn)]
-    shared_trains = bool(a.shared_ffn) and (t.full or t.shared_experts_lora)
+                                    (w * a.hidden + 4 * w * a.dense_ffn) if mlp_trains else 3 * w * a.dense_ffn)
+                        ] + adapter_terms(setup, "mlp", ("mlp",))
+    shared_trains = bool(a.shared_ffn) and (t.full or t.shared_experts_lora or z3)
     # The block's 16-bit input, read by a 16-bit router and by the shared expert when they train
     # (an fp32 router saves its own fp32 copy instead, in router_terms).
-    router_reads_it = (t.full or t.router_lora) and a.router_scoring != "sigmoid" and not a.router_fp32
+    router_reads_it = (t.full or t.router_lora or z3) and a.router_scoring != "sigmoid" and not a.router_fp32
     if router_reads_it or shared_trains:
         terms.append(SavedTensor("mlp", "router input", "[hidden]", d, "the router (and shared expert) gradients",
                                  w * a.hidden))
@@ -553,7 +605,7 @@ def ffn_terms(setup: TrainingSetup, layer: LayerArch) -> list[SavedTensor]:
             # Qwen2-MoE scales the shared expert by sigmoid(gate(x)): its output and the sigmoid are kept.
             terms.append(SavedTensor("mlp", "shared expert gate", "[hidden] + [1]", d, "the gated product's backward",
                                      w * a.hidden + 2))
-    return terms
+    return terms + adapter_terms(setup, "mlp", ("shared_experts",))  # router and experts LoRA: ParamWrapper
 
 
 def _typical_layer(f: ModelFacts) -> LayerArch:
@@ -609,7 +661,14 @@ def lora_merged_expert_bytes(setup: TrainingSetup) -> int:
     t = trainability(setup.model, setup.method, setup.lora)
     if not t.experts_lora:
         return 0
-    return _width(setup) * model_facts(setup.model).num_expert_params_per_layer
+    merged = _width(setup) * model_facts(setup.model).num_expert_params_per_layer
+    if _adapter_width(setup) == _width(setup):
+        return merged
+    # fp32 adapters (moekit.traps.adapter_precision): the baddbmm runs on 16-bit copies of A and B, which it keeps.
+    a = model_facts(setup.model).arch
+    sides = {"gate_up_proj": a.hidden + 2 * a.expert_ffn, "down_proj": a.expert_ffn + a.hidden}
+    adapted = sum(sides.get(name, 0) for group, name in t.adapted if group == "experts")
+    return merged + _width(setup) * a.num_experts * setup.lora.r * adapted
 
 
 def layer_bytes(setup: TrainingSetup, layer: LayerArch) -> int:
@@ -667,6 +726,8 @@ def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
         lm_head_input = 0 if setup.loss_impl == "chunked" else w * f.hidden  # cut-cross-entropy saves it itself
         total += norm_saved_bytes(a, f.hidden, w, True) + lm_head_input
+    elif _zero3_linear(setup) and setup.loss_impl == "hf":
+        total += w * f.hidden  # a frozen lm_head's input, which DeepSpeed's ZeRO-3 linear saves
     if setup.activation_checkpointing:
         # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
         total += 0 if t.full else norm_saved_bytes(a, f.hidden, w, False)
@@ -804,7 +865,9 @@ def zero3_gathered_bytes(setup: TrainingSetup) -> int:
     # prefetch stops at stage3_prefetch_bucket_size, and never passes stage3_max_live_parameters gathered
     prefetched = min(knobs.stage3_prefetch_bucket_size, knobs.stage3_max_live_parameters, f.second_largest_module_params)
     gathered = max(f.largest_module_params + prefetched, zero3_kept_gathered_params(setup))
-    return _width(setup) * gathered
+    # fp32 adapters (moekit.traps.adapter_precision) gather at 4 bytes: at most all of them are among the gathered
+    fp32_adapters = min(gathered, num_trainable_params(setup, f)) if _adapter_width(setup) > _width(setup) else 0
+    return _width(setup) * gathered + (_adapter_width(setup) - _width(setup)) * fp32_adapters
 
 
 def zero3_prefetch_flat_bytes(setup: TrainingSetup) -> int:
@@ -973,6 +1036,12 @@ def trap_notes(setup: TrainingSetup, f: ModelFacts, router_loss: int, tokens: in
         "router_aux_loss": router_aux_loss_note(setup, router_loss),
         "optimizer": optimizer_note(setup.optimizer),
     }
+    upcast_per_token = [sum(t.bytes_per_token for t in layer_terms(setup, layer) if "upcast to fp32" in t.tensor)
+                        for layer in f.layers]
+    upcast = tokens * (max(upcast_per_token) if setup.activation_checkpointing else sum(upcast_per_token))
+    adapters = adapter_note(setup, f.arch.model_type, upcast)
+    if adapters:
+        notes["adapters"] = adapters
     if setup.method == "qlora":
         whole = model_facts(setup.model)  # the quantized count is of the whole model
         num_experts = sum(layer.count("experts") for layer in whole.layers)

@@ -375,10 +375,11 @@ def peft_config(spec: LoraSpec, model_or_config: torch.nn.Module | PretrainedCon
     )
 
 
-def apply_lora(model: torch.nn.Module, spec: LoraSpec):
+def apply_lora(model: torch.nn.Module, spec: LoraSpec, autocast_adapter_dtype: bool = True):
     """Wrap a built model with LoRA adapters (``peft.get_peft_model``); only the adapters stay trainable.
 
     Works on meta-device models too (shapes only), which is how the census tests check full-size models.
+    autocast_adapter_dtype: peft's own switch (upcast 16-bit adapters to fp32; ``moekit.traps.adapter_precision``).
     """
     from peft import get_peft_model
 
@@ -387,7 +388,7 @@ def apply_lora(model: torch.nn.Module, spec: LoraSpec):
         # peft matches rank_pattern against module names, so the pattern for the fused gate_up_proj
         # (which peft's own w1/w3 converter sets the same way) is reported as unmatched, yet applied.
         warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
-        return get_peft_model(model, config)
+        return get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 # --------------------------------------------------------------------------------------------

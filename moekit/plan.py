@@ -16,6 +16,7 @@ from moekit.breakdown import Breakdown
 from moekit.errors import MoekitError
 from moekit.estimate import estimate, model_facts, num_trainable_params
 from moekit.training_setup import METHODS, OFFLOADS, PRECISIONS, LoraSpec, SetupError, TrainingSetup
+from moekit.traps import adapter_precision
 from moekit.units import GiB, width
 from moekit.zero_knobs import zero_knobs
 
@@ -314,10 +315,19 @@ def mitigations(min_seq_len: int | None = None) -> dict[str, Mitigation]:
                    lambda s: _changed(s, load_path="zero_init") if s.zero_stage == 3 and s.load_path != "auto" else None),
         Mitigation("smaller_buckets", "DeepSpeed buckets of hidden x hidden elements (the Hugging Face Trainer's "
                    "\"auto\") instead of DeepSpeed's default", _smaller_buckets),
+        Mitigation("adapters_not_upcast", "LoRA adapters kept in the working dtype (peft's "
+                   "autocast_adapter_dtype=False): under ZeRO-3's zero.Init no fp32 copy of each adapted Linear's input",
+                   _adapters_not_upcast),
         Mitigation("router_loss_off", "leave out the router's load-balancing loss (output_router_logits=False)",
                    lambda s: _changed(s, router_aux_loss=False) if s.router_aux_loss else None),
     ]
     return {m.name: m for m in items}
+
+
+def _adapters_not_upcast(setup: TrainingSetup) -> TrainingSetup | None:
+    if adapter_precision(setup, model_facts(setup.model).arch.model_type) == setup.precision:
+        return None
+    return _changed(setup, autocast_adapter_dtype=False)
 
 
 def _smaller_buckets(setup: TrainingSetup) -> TrainingSetup | None:
@@ -338,7 +348,8 @@ OFFLOAD_MITIGATIONS = ("zero2_offload", "zero3_offload")
 ARTICLE_ORDER = ("lora", "lower_rank", "shorter_sequences", "micro_batch_1", "mixed_precision", "zero2",
                  "zero2_offload", "zero3", "zero3_offload", "checkpointing")
 #: The field traps' rungs, offered after the article's ladder (``trap_rungs``).
-TRAP_ORDER = ("zero_init", "router_loss_off", "fused_loss", "expandable_segments", "smaller_buckets", "adamw_8bit")
+TRAP_ORDER = ("zero_init", "router_loss_off", "fused_loss", "adapters_not_upcast", "expandable_segments",
+              "smaller_buckets", "adamw_8bit")
 
 
 @dataclass

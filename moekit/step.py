@@ -70,6 +70,7 @@ ZeRO-3 prefetching beyond the unit being computed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -246,7 +247,10 @@ def build_for_training(setup: TrainingSetup, device: str = "cpu", *, num_layers:
     model = build_model(config, build_device, seed=seed, dtype=dtype, attn_implementation=setup.attn_implementation)
     if device not in ("fake", "cpu"):
         model = model.to(device)
-    return prepare_for_training(model, setup, working_dtype=dtype)
+    from moekit.traps import adapter_precision
+
+    adapter_dtype = DTYPES[adapter_precision(setup, config.model_type)]
+    return prepare_for_training(model, setup, working_dtype=dtype, adapter_dtype=adapter_dtype)
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -513,8 +517,10 @@ class _RankStates:
     def allocate(self, model: torch.nn.Module) -> _Zero3Gatherer | None:
         """Allocate what DeepSpeed holds before the first forward; returns the ZeRO-3 gatherer if any."""
         if self.stage == 3 and self.setup.offload != "optimizer+params":
-            # DeepSpeed's flat partitions of the trainable sub-groups, and the frozen parameters' own partitions
-            self.weight_partitions = [self._new(size, self.dtype, "weights") for _, size in self.optimizer_groups()]
+            # DeepSpeed's flat partitions of the trainable sub-groups (in the trainable parameters' dtype: fp32
+            # LoRA adapters under zero.Init, moekit.traps.adapter_precision), and the frozen parameters' own partitions
+            trainable_dtype = self.trainable[0].dtype if self.trainable else self.dtype
+            self.weight_partitions = [self._new(size, trainable_dtype, "weights") for _, size in self.optimizer_groups()]
             self._new(self.layout.weight_numel - self.layout.owned_numel, self.dtype, "weights", keep=True)
         if not self.offload:
             self._allocate_optimizer()
@@ -716,6 +722,23 @@ class _Progress:
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _deepspeed_linear(enabled: bool) -> Iterator[None]:
+    """Under ZeRO-3, DeepSpeed's own ``torch.nn.functional.linear`` (zero.Init's ``memory_efficient_linear``, on
+    by default), which saves every Linear's input for backward, a frozen one's too."""
+    if not enabled:
+        yield
+        return
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    original = torch.nn.functional.linear
+    torch.nn.functional.linear = zero3_linear_wrap
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = original
+
+
 def run_step(
     setup: TrainingSetup,
     *,
@@ -756,7 +779,7 @@ def run_step(
             phases["model"] = tracker.categories()
             notify("model")
             tracker.reset_peak()
-            with saved.hooks():
+            with saved.hooks(), _deepspeed_linear(setup.zero_stage == 3):
                 # Like moekit.train, the HF Trainer and XTuner: only the loss is kept, so the model's output
                 # (and its 16-bit logits) is freed before backward.
                 loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
@@ -765,7 +788,8 @@ def run_step(
             notify("forward")
             handles += states.install_grad_hooks()
             tracker.reset_peak()
-            loss.backward()
+            with _deepspeed_linear(setup.zero_stage == 3):  # checkpointed layers run forward again here
+                loss.backward()
             if zero3 is not None:
                 zero3.release_all()
             states.end_backward()

@@ -109,6 +109,9 @@ class TrainingSetup:
     #: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows segments instead of
     #: reserving new ones, so its reserve over the allocated peak shrinks to page rounding.
     expandable_segments: bool = False
+    #: peft's get_peft_model(autocast_adapter_dtype): upcast 16-bit LoRA adapters to fp32 (peft's default).
+    #: DeepSpeed casts them back, except under ZeRO-3's zero.Init (moekit.traps.adapter_precision).
+    autocast_adapter_dtype: bool = True
     #: DeepSpeed's ZeRO size knobs in elements (what each decides: moekit.zero_knobs.MEANING); None: DeepSpeed's
     #: default, read from its DeepSpeedZeroConfig.
     reduce_bucket_size: int | None = None
@@ -122,7 +125,7 @@ class TrainingSetup:
     def __post_init__(self) -> None:
         _check_type("model", self.model, str, "a preset name such as 'mixtral-8x7b' or a local folder")
         _check_type("lora", self.lora, LoraSpec, "LoraSpec(r=16, alpha=32)")
-        for name in ("activation_checkpointing", "packing", "expandable_segments"):
+        for name in ("activation_checkpointing", "packing", "expandable_segments", "autocast_adapter_dtype"):
             _check_type(name, getattr(self, name), bool, "True or False")
         _check_type("nvme_path", self.nvme_path, (str, type(None)), "a folder path or None")
         _check_type("router_aux_loss", self.router_aux_loss, (bool, type(None)), "True, False or None (the config's)")
@@ -247,6 +250,7 @@ class TrainingSetup:
             (self.optimizer != "adamw", self.optimizer), (self.loss_impl != "hf", f"{self.loss_impl} loss"),
             (self.router_aux_loss is not None, f"router loss {'on' if self.router_aux_loss else 'off'}"),
             (self.expandable_segments, "expandable segments"), (self.load_path != "auto", f"load {self.load_path}"),
+            (not self.autocast_adapter_dtype, "adapters not upcast"),
         ) if on)
         defaults = deepspeed_defaults()
         traps += "".join(f" +{name}={getattr(self, name):,}" for name in ZERO_KNOB_FIELDS

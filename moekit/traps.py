@@ -224,6 +224,33 @@ def resolved_load_path(setup: TrainingSetup, model_type: str) -> str:
     return "zero_init" if setup.zero_stage == 3 else "from_pretrained"
 
 
+def adapter_precision(setup: TrainingSetup, model_type: str) -> str:
+    """The dtype LoRA adapters train in under the DeepSpeed engine.
+
+    peft upcasts 16-bit adapters to fp32 (``get_peft_model``'s ``autocast_adapter_dtype=True``). The engine
+    casts every parameter to the 16-bit dtype, except in a model built under ``zero.Init``, whose parameters it
+    takes to be in that dtype already (``_cast_module_mixed_precision`` in deepspeed/runtime/engine.py). So under
+    ZeRO-3 loaded with zero.Init (HF's integration, moekit.train) the adapters stay fp32: their partitions, the
+    copies gathered for forward, and the fp32 copy of its input that each adapted Linear makes for LoRA A.
+    """
+    zero_init = setup.zero_stage == 3 and resolved_load_path(setup, model_type) != "from_pretrained"
+    if setup.method == "lora" and setup.precision != "fp32" and zero_init and setup.autocast_adapter_dtype:
+        return "fp32"
+    return setup.precision
+
+
+def adapter_note(setup: TrainingSetup, model_type: str, upcast_bytes: int) -> str | None:
+    """What the fp32 adapters of ``adapter_precision`` cost; None when the adapters train in the working dtype."""
+    if adapter_precision(setup, model_type) == setup.precision:
+        return None
+    where = "in the recomputed layer" if setup.activation_checkpointing else "over the layers"
+    return (f"LoRA adapters train in fp32 here: peft upcasts them (get_peft_model's autocast_adapter_dtype) and "
+            f"DeepSpeed leaves a zero.Init model's parameters as they are, so each adapted Linear keeps an fp32 copy "
+            f"of its input for LoRA A: {upcast_bytes / GiB:.2f} GiB of activations {where}. "
+            f"get_peft_model(..., autocast_adapter_dtype=False) keeps them {setup.precision} "
+            f"(moekit: autocast_adapter_dtype=False, --no-adapter-upcast)")
+
+
 def load_phase(setup: TrainingSetup, *, path: str, weights_16bit_bytes: int, weights_4bit_bytes: int,
                largest_module_bytes: int) -> LoadPhase:
     """Peak per GPU and per node's host RAM while ``from_pretrained`` and the engine place the weights.

@@ -25,6 +25,9 @@ SMALL_GRID = [
     TrainingSetup(model="small", method="full", seq_len=2048, zero_stage=3, offload="optimizer+params", gpus_per_node=2),
     TrainingSetup(model="tiny", method="lora", seq_len=2048, zero_stage=1, gpus_per_node=2, activation_checkpointing=True),
     TrainingSetup(model="small", method="full", seq_len=2048, zero_stage=1, gpus_per_node=2, grad_accum=2),
+    # ZeRO-3 LoRA: fp32 adapters and DeepSpeed's linear (moekit.traps.adapter_precision), and without the upcast
+    TrainingSetup(model="small", method="lora", seq_len=2048, zero_stage=3, gpus_per_node=2, grad_accum=2),
+    TrainingSetup(model="small", method="lora", seq_len=2048, zero_stage=3, gpus_per_node=2, autocast_adapter_dtype=False),
 ]
 
 

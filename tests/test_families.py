@@ -54,6 +54,21 @@ def test_estimate_matches_the_simulation_for_each_family(family, family_dir):
         assert est.per_gpu["activations"] == pytest.approx(sim.per_gpu["activations"], rel=0.02), label
 
 
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_estimate_matches_the_simulation_under_zero3_lora_for_each_family(family, family_dir):
+    """ZeRO-3 changes what a LoRA step saves: DeepSpeed's linear keeps every frozen Linear's input, and the adapters
+    stay fp32 under zero.Init, so each adapted Linear saves an fp32 copy of its input (moekit.traps)."""
+    model = family_dir(family)
+    for ckpt in (False, True):
+        setup = _setup(model, "lora", 512, ckpt).replace(zero_stage=3, gpus_per_node=2)
+        est, sim = estimate(setup), simulate(setup, progress=False)
+        label = f"{family} ZeRO-3 LoRA ckpt {ckpt}"
+        assert est.per_gpu["weights"] == sim.per_gpu["weights"], label
+        assert est.per_gpu["activations"] == pytest.approx(sim.per_gpu["activations"], rel=0.02), label
+        assert est.total_bytes - est.per_gpu["overhead"] == pytest.approx(sim.total_bytes, rel=0.01), label
+    assert estimate(setup).per_gpu["activations"] > estimate(setup.replace(zero_stage=2)).per_gpu["activations"]
+
+
 def _plain_step_activation_bytes(family: str, num_layers: int, seq_len: int) -> int:
     """MemTracker's Activation bytes after a plain transformers forward with labels (real CPU tensors)."""
     from family_configs import _COMMON

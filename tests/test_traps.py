@@ -18,7 +18,7 @@ from moekit.estimate import (
 )
 from moekit.plan import ARTICLE_ORDER, first_advice, ladder, trap_rungs
 from moekit.training_setup import SetupError, TrainingSetup
-from moekit.traps import router_loss_facts, simulate_router_aux_loss_bytes
+from moekit.traps import adapter_precision, router_loss_facts, simulate_router_aux_loss_bytes
 from moekit.zero import ds_config
 
 
@@ -91,10 +91,36 @@ def test_fused_loss_removes_exactly_the_fp32_log_softmax_from_what_forward_keeps
     setup = TrainingSetup(model="qwen3-30b-a3b", seq_len=8192, zero_stage=3, activation_checkpointing=True)
     hf, fused = estimate(setup), estimate(setup.replace(loss_impl="fused"))
     f = model_facts(setup.model)
-    assert hf.per_gpu["activations"] - fused.per_gpu["activations"] == 8192 * (4 * f.vocab - 2 * f.hidden)
+    # Both keep one [hidden] tensor besides: hf the frozen lm_head's input (DeepSpeed's ZeRO-3 linear saves
+    # it), fused the input gradient it computes in forward.
+    assert hf.per_gpu["activations"] - fused.per_gpu["activations"] == 8192 * 4 * f.vocab
+    zero2 = setup.replace(zero_stage=2)
+    assert (estimate(zero2).per_gpu["activations"] - estimate(zero2.replace(loss_impl="fused")).per_gpu["activations"]
+            == 8192 * (4 * f.vocab - 2 * f.hidden))
     chunked = estimate(setup.replace(loss_impl="chunked"))
     assert chunked.per_gpu["activations"] - fused.per_gpu["activations"] == 8192 * 4  # cut-cross-entropy's lse
     assert "ESTIMATE ONLY" in fused.notes["loss"] and "ESTIMATE ONLY" not in hf.notes["loss"]
+
+
+def test_lora_adapters_stay_fp32_only_under_zero3_zero_init_and_the_plan_offers_to_keep_them_16bit():
+    lora3 = TrainingSetup(model="mixtral-8x7b", method="lora", zero_stage=3, seq_len=4096, gpus_per_node=8)
+    assert adapter_precision(lora3, "mixtral") == "fp32"
+    for same in (lora3.replace(zero_stage=2), lora3.replace(load_path="from_pretrained"),
+                 lora3.replace(autocast_adapter_dtype=False), lora3.replace(method="full")):
+        assert adapter_precision(same, "mixtral") == "bf16"
+    assert adapter_precision(lora3.replace(precision="fp32"), "mixtral") == "fp32"
+    upcast, kept = estimate(lora3), estimate(lora3.replace(autocast_adapter_dtype=False))
+    f = model_facts(lora3.model)
+    # q, k, v and o_proj (input widths 4096 each) upcast their input to fp32 in all 32 layers; LoRA A's 16 outputs too
+    copies = 4096 * 32 * (4 * 4 * 4096 + 2 * 4 * 16)
+    lora_adapters = num_trainable_params(lora3)
+    assert upcast.per_gpu["activations"] - kept.per_gpu["activations"] == copies + 32 * 2 * 8 * 16 * (
+        2 * f.hidden + 3 * 14336)  # and the experts' baddbmm keeps 16-bit copies of A and B
+    assert upcast.per_gpu["weights"] - kept.per_gpu["weights"] == 2 * -(-lora_adapters // 8)
+    assert "8.00 GiB of activations" in upcast.notes["adapters"] and "adapters" not in kept.notes
+    saved = {rung.change: rung.saved_bytes for rung in trap_rungs(lora3)}
+    assert saved["adapters_not_upcast"] > 8 * 2**30
+    assert "adapters_not_upcast" not in {rung.change for rung in trap_rungs(lora3.replace(zero_stage=2))}
 
 
 def test_8bit_adamw_keeps_two_bytes_and_an_absmax_per_256_values_and_ds_config_accepts_the_client_optimizer():
