@@ -69,6 +69,8 @@ def covering_grid() -> list[TrainingSetup]:
         _setup(method="lora", zero_stage=3, offload="optimizer", grad_accum=2),
         # a small bucket, so that ZeRO-3 LoRA's fp32 adapter inputs weigh (moekit.traps.adapter_precision)
         _setup(method="lora", zero_stage=3, offload="optimizer", grad_accum=2, reduce_bucket_size=2**24),
+        _setup(method="lora", zero_stage=3, offload="optimizer", grad_accum=2, reduce_bucket_size=2**24,
+               autocast_adapter_dtype=False),  # ... and peft told not to upcast them
         _setup(method="full", zero_stage=1, activation_checkpointing=True, micro_batch=2),
         _setup(method="full", zero_stage=0, grad_accum=2, activation_checkpointing=True),
         _setup(model="tiny", method="full", zero_stage=2, seq_len=2048, micro_batch=2),
@@ -86,6 +88,8 @@ def describe(setup: TrainingSetup) -> str:
         parts.append("ckpt")
     if setup.offload != "none":
         parts.append(f"offload {setup.offload}")
+    if not setup.autocast_adapter_dtype:
+        parts.append("adapters not upcast")
     if setup.reduce_bucket_size is not None:
         parts.append(f"bucket {setup.reduce_bucket_size:.3g}")
     return ", ".join(parts)

@@ -43,9 +43,10 @@ def cache_dir() -> Path:
 
 
 def _probe_setup(setup: TrainingSetup) -> TrainingSetup:
-    """The setup's saved-tensor knobs on one rank without ZeRO (what states the optimizer keeps does not
-    change what a layer saves)."""
-    return setup.replace(zero_stage=0, offload="none", gpus_per_node=1, num_nodes=1, grad_accum=1)
+    """The setup's saved-tensor knobs on one rank (what states the optimizer keeps does not change what a layer
+    saves); ZeRO-3 stays, since DeepSpeed's linear and zero.Init's fp32 adapters do (moekit.traps)."""
+    return setup.replace(zero_stage=3 if setup.zero_stage == 3 else 0, offload="none", gpus_per_node=1, num_nodes=1,
+                         grad_accum=1)
 
 
 def cache_key(setup: TrainingSetup) -> str:
@@ -58,7 +59,8 @@ def cache_key(setup: TrainingSetup) -> str:
 
     probe = _probe_setup(setup)
     knobs = {k: v for k, v in probe.as_dict().items() if k in (
-        "method", "lora", "precision", "seq_len", "micro_batch", "attn_implementation", "activation_checkpointing")}
+        "method", "lora", "precision", "seq_len", "micro_batch", "attn_implementation", "activation_checkpointing",
+        "zero_stage", "load_path", "autocast_adapter_dtype")}
     data = {
         "config": as_config(setup.model).to_dict(),
         "knobs": knobs,

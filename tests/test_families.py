@@ -225,3 +225,10 @@ def test_the_probe_also_calibrates_checkpointed_runs(family_dir, tmp_path, monke
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
     setup = _setup(family_dir("granitemoe"), "lora", 128, True)
     assert estimate(setup).per_gpu["activations"] == simulate(setup, progress=False).per_gpu["activations"]
+
+
+def test_the_probe_keeps_zero3_for_lora(family_dir, tmp_path, monkeypatch):
+    # ZeRO-3 changes what a LoRA layer saves (DeepSpeed's linear, fp32 adapters): a probe without ZeRO was 22% low.
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
+    setup = _setup(family_dir("granitemoe"), "lora", 128, False).replace(zero_stage=3, gpus_per_node=2)
+    assert estimate(setup).per_gpu["activations"] == simulate(setup, progress=False).per_gpu["activations"]
