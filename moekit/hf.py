@@ -161,7 +161,7 @@ def setup_from_trainer(
     grad_accum = int((ds or {}).get("gradient_accumulation_steps", args.gradient_accumulation_steps))
     local = local_world_size(args)
     config = base.config
-    return TrainingSetup(
+    setup = TrainingSetup(
         model=model_name or model_name_for(config),
         method=method,
         lora=spec or LoraSpec(),
@@ -178,6 +178,15 @@ def setup_from_trainer(
         packing=bool(getattr(args, "packing", True)),
         attn_implementation=getattr(config, "_attn_implementation", None) or "sdpa",
     )
+    # Under ZeRO-3 the adapters keep the dtype peft gave them: read it (16-bit when autocast_adapter_dtype=False)
+    return setup.replace(autocast_adapter_dtype=False) if setup.zero_stage == 3 and not adapters_upcast(model) else setup
+
+
+def adapters_upcast(model: torch.nn.Module) -> bool:
+    """Whether any LoRA adapter is fp32 (peft's ``autocast_adapter_dtype``, its default), read from the adapters;
+    True without adapters. Under ZeRO-3's zero.Init DeepSpeed leaves them so (``moekit.traps.adapter_precision``)."""
+    dtypes = {param.dtype for name, param in model.named_parameters() if ".lora_" in name}
+    return not dtypes or torch.float32 in dtypes
 
 
 def estimate_for_device(setup: TrainingSetup, device: torch.device) -> Breakdown:

@@ -16,6 +16,7 @@ import functools
 import json
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,6 +329,7 @@ def resolve_targets(
             )
         names += translated
     names = list(dict.fromkeys(names))  # de-duplicate, keep order
+    _refuse_what_peft_renames(names, inventory, spec)
     groups: dict[str, tuple[str, ...]] = {}
     for name in names:
         component = inventory.component(name)
@@ -338,6 +340,49 @@ def resolve_targets(
         groups=groups,
         notes=notes,
         rank_multipliers=multipliers,
+    )
+
+
+def peft_renamed_targets(target_modules: Sequence[str], model_type: str) -> tuple[str, ...]:
+    """The Linear targets peft itself moves to the fused experts on this model type.
+
+    peft converts every LoRA config on the transformers-5 MoE families whose checkpoints were renamed from v4
+    (``convert_peft_config_for_transformers``, peft/utils/transformers_weight_conversion.py). On DeepSeek, GLM,
+    Qwen3-MoE, OLMoE... it reads any target ending in gate_proj, up_proj or down_proj as the experts' v4 name and
+    moves it to ``mlp.experts.*``: a dense MLP's or shared expert's projection then gets no adapter, and the
+    experts' LoRA comes instead (gate_up_proj at rank 2r). peft is asked, on a copy of the config.
+    """
+    if not target_modules:
+        return ()
+    from types import SimpleNamespace
+
+    from peft import LoraConfig
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    config = LoraConfig(r=8, target_modules=list(target_modules))
+    convert_peft_config_for_transformers(config, SimpleNamespace(config=SimpleNamespace(model_type=model_type)), None)
+    kept = set(config.target_modules or ())
+    return tuple(name for name in target_modules if name not in kept)
+
+
+def _refuse_what_peft_renames(names: list[str], inventory: ModelInventory, spec: LoraSpec) -> None:
+    import peft
+
+    linear = [name for name in names if inventory.kind(name) == "linear"]
+    try:
+        renamed = peft_renamed_targets(linear, inventory.model_type)
+    except ValueError as err:  # e.g. gate_proj without up_proj: peft refuses the config itself
+        raise LoraTargetError(f"peft {peft.__version__} refuses these targets on {inventory.model_type}: {err}") from None
+    if not renamed:
+        return
+
+    components = sorted({inventory.component(name) for name in renamed})
+    kept = [t for t in spec.targets if t not in ("all-linear", *components)] or ["attention", "experts"]
+    raise LoraTargetError(
+        f"peft {peft.__version__} reads {renamed[0]} on {inventory.model_type} as an expert projection (its "
+        f"transformers-4 name conversion) and puts the LoRA on the fused experts instead, so "
+        f"{' and '.join(components)} would get no adapter; leave {' and '.join(components)} out of the targets, "
+        f"e.g. targets={','.join(dict.fromkeys(kept))}."
     )
 
 

@@ -23,7 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moekit.arch import arch_of
 from moekit.estimate import estimate
-from moekit.models import load_config, parameter_census
+from moekit.lora import LoraTargetError, resolve_targets
+from moekit.models import build_model, load_config, parameter_census
 from moekit.simulate import simulate
 from moekit.training_setup import LoraSpec, TrainingSetup
 
@@ -232,3 +233,18 @@ def test_the_probe_keeps_zero3_for_lora(family_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
     setup = _setup(family_dir("granitemoe"), "lora", 128, False).replace(zero_stage=3, gpus_per_node=2)
     assert estimate(setup).per_gpu["activations"] == simulate(setup, progress=False).per_gpu["activations"]
+
+
+def test_peft_puts_a_shared_expert_target_on_the_experts_so_moekit_refuses_it(family_dir):
+    # peft's own behaviour (its transformers-4 name conversion): when this starts failing, peft has changed and
+    # moekit.lora's refusal (peft_renamed_targets) can go.
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(family_dir("glm4_moe"), "cpu"),
+                           LoraConfig(r=4, target_modules=["self_attn.q_proj", "mlp.shared_experts.gate_proj",
+                                                           "mlp.shared_experts.up_proj"]))
+    adapted = {name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_" in name}
+    assert not any("shared_experts" in name for name in adapted)
+    assert any(name.endswith("mlp.experts") for name in adapted)
+    with pytest.raises(LoraTargetError, match="so shared_experts would get no adapter"):
+        resolve_targets(LoraSpec(targets=("attention", "shared_experts")), family_dir("glm4_moe"))

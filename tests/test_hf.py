@@ -15,9 +15,11 @@ import torch
 from test_train import LORA_GROUPS, run_deepspeed, shm_buffers_left
 
 from moekit.estimate import estimate, num_trainable_params
-from moekit.hf import HfSetupError, MemoryCallback, example_trainer, read_trainer_logs
+from moekit.hf import HfSetupError, MemoryCallback, adapters_upcast, example_trainer, read_trainer_logs
 from moekit.lessons import without_overhead
-from moekit.training_setup import TrainingSetup
+from moekit.lora import apply_lora
+from moekit.models import build_model
+from moekit.training_setup import LoraSpec, TrainingSetup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,3 +158,11 @@ def test_a_model_config_that_is_no_preset_is_estimated_from_a_config_file_moekit
     assert Path(path).is_file() and model_name_for(config) == path  # one file per content
     assert load_config(path).num_hidden_layers == 3
     assert parameter_census(path).num_params > parameter_census("tiny").num_params
+
+
+def test_the_adapters_dtype_is_read_from_the_adapters_peft_made():
+    # peft upcasts 16-bit adapters to fp32 unless told not to; under ZeRO-3 the setup takes what the model holds
+    assert adapters_upcast(apply_lora(build_model("tiny", "cpu", dtype=torch.bfloat16), LoraSpec()))
+    kept = apply_lora(build_model("tiny", "cpu", dtype=torch.bfloat16), LoraSpec(), autocast_adapter_dtype=False)
+    assert not adapters_upcast(kept)
+    assert {p.dtype for n, p in kept.named_parameters() if ".lora_" in n} == {torch.bfloat16}

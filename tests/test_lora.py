@@ -18,6 +18,7 @@ from moekit.lora import (
     num_quantized_params,
     num_unquantized_params,
     peft_config,
+    peft_renamed_targets,
     qlora_spec,
     resolve_targets,
 )
@@ -324,3 +325,18 @@ def test_cli_lora_article_targets_fail_in_one_line(capsys):
     assert main(["lora", "--targets", "q_proj,k_proj,v_proj,o_proj,w1,w2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moekit lora: error: 'w1' cannot be targeted without 'w3'") and err.count("\n") == 1
+
+
+def test_targets_peft_would_move_to_the_experts_are_refused_naming_what_to_keep():
+    # peft's transformers-4 conversion reads *.gate_proj/up_proj/down_proj as expert names on these families
+    shared = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
+    assert peft_renamed_targets((*shared, "self_attn.q_proj"), "deepseek_v3") == shared
+    assert peft_renamed_targets(("mlp.shared_expert.gate_proj",), "qwen2_moe") == ()  # no conversion there
+    with pytest.raises(LoraTargetError, match=r"reads mlp.gate_proj on deepseek_v3 as an expert projection .* "
+                       r"so mlp and shared_experts would get no adapter; .* targets=attention,experts\."):
+        resolve_targets(LoraSpec(targets="all-linear"), "deepseek-v3")
+    with pytest.raises(LoraTargetError, match=r"so shared_experts would get no adapter; .* targets=attention\."):
+        resolve_targets(LoraSpec(targets="attention,shared_experts"), "glm-4.5-air")
+    assert "shared_experts" in resolve_targets(LoraSpec(targets="all-linear"), "qwen1.5-moe-a2.7b").groups
+    with pytest.raises(LoraTargetError, match="peft .* refuses these targets on glm4_moe: Cannot convert"):
+        resolve_targets(LoraSpec(targets="mlp.shared_experts.gate_proj"), "glm-4.5-air")
