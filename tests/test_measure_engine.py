@@ -16,7 +16,15 @@ import pytest
 
 from moekit.cli import main
 from moekit.estimate import estimate, num_trainable_params
-from moekit.measure_engine import PHASES, UNRECORDED_FREE, EngineMeasureError, Timeline, _add_unrecorded_frees, measure_engine
+from moekit.measure_engine import (
+    PHASES,
+    UNRECORDED_FREE,
+    EngineMeasureError,
+    Timeline,
+    _add_unrecorded_frees,
+    _last_use_of_collective_inputs,
+    measure_engine,
+)
 from moekit.training_setup import TrainingSetup
 
 TOLERANCE = 0.03
@@ -136,6 +144,21 @@ def test_frees_the_profiler_missed_are_put_back_at_reuse_or_when_the_collective_
     assert fixed.index(added[1]) < fixed.index((40, 60, 2, "aten::empty"))  # freed before its address is reused
     assert sum(size for _, size, _, _ in fixed) == 65  # only what is really live at the end: blocks 2' and 4
     assert [t for t, *_ in fixed] == sorted(t for t, *_ in fixed)
+
+
+def test_a_block_handed_to_a_collective_is_freed_after_its_last_use_unless_built_before_the_steps():
+    # ZeRO-0 flattens the gradients and all-reduces the flat copy; gloo's work may hold the last reference
+    events = [
+        (5, 80, 9, "aten::empty"),  # a bucket DeepSpeed builds before the first forward: stays live
+        (10, 100, 1, "moekit:backward > aten::cat"),  # the flat gradients: free never recorded
+        (50, 30, 2, "aten::empty"),
+        (55, -30, 2, "aten::empty"),  # a recorded free: nothing added
+    ]
+    uses = [(1, 20, False), (1, 30, True), (1, 40, False), (9, 30, True), (2, 52, True)]  # (address, op end, c10d)
+    handed = _last_use_of_collective_inputs(events, uses, since_ns=8)
+    assert handed == {(10, 1): 40, (50, 2): 52}  # the last op that read it: the copy back after the all-reduce
+    added = [e for e in _add_unrecorded_frees(events, handed) if e[3].startswith(UNRECORDED_FREE)]
+    assert [(t, size, ptr) for t, size, ptr, _ in added] == [(40, -100, 1)]
 
 
 def test_cli_measure_engine_deepspeed_prints_each_rank_beside_the_estimate(capsys):
