@@ -42,6 +42,7 @@ from moekit.traps import (
     router_aux_loss_bytes,
     router_aux_loss_note,
     router_aux_loss_on,
+    zero3_linear_saves_inputs,
 )
 from moekit.units import BYTES_PER_ELEMENT, GiB, MiB
 from moekit.zero_knobs import zero_knobs
@@ -213,6 +214,15 @@ def _num_lora_params(model: str, spec: LoraSpec, num_layers: int) -> int:
     return lora_census(config, spec).num_trainable_params
 
 
+@disk_cached("expert_lora_params", int)
+def _num_expert_lora_params(model: str, spec: LoraSpec) -> int:
+    """LoRA adapter parameters on the fused experts, whole model (rank multipliers of w1+w3 included)."""
+    from moekit.lora import lora_census
+    from moekit.models import as_config
+
+    return lora_census(as_config(model), spec).by_group.get("experts", 0)
+
+
 def num_trainable_params(setup: TrainingSetup, facts: ModelFacts | None = None) -> int:
     """Parameters that get gradients and optimizer state: all of them, or only the LoRA adapters."""
     facts = facts or model_facts(setup.model)
@@ -291,8 +301,7 @@ def model_states(setup: TrainingSetup, facts: ModelFacts, num_trainable: int) ->
         step_temporary = flattened if stage in (1, 3) else 0
     host: dict[str, int] = {}
     if stage == 3 and setup.method != "qlora":
-        adapter_width = BYTES_PER_ELEMENT[adapter_precision(setup, facts.arch.model_type)]  # fp32 under zero.Init
-        weights = width * _partition(facts.num_params, n) + adapter_width * _partition(adapters, n)
+        weights = width * _partition(facts.num_params, n) + _adapter_width(setup) * _partition(adapters, n)
     ranks_per_host = setup.gpus_per_node
     if setup.offload != "none":
         host["optimizer_states"] = optimizer * ranks_per_host
@@ -377,12 +386,6 @@ def _adapter_width(setup: TrainingSetup) -> int:
     return BYTES_PER_ELEMENT[adapter_precision(setup, model_facts(setup.model).arch.model_type)]
 
 
-def _zero3_linear(setup: TrainingSetup) -> bool:
-    """Whether DeepSpeed's ZeRO-3 linear runs every ``F.linear``: it saves the input of a frozen Linear too
-    (``LinearFunctionForZeroStage3``, deepspeed/runtime/zero/linear.py; zero.Init's memory_efficient_linear)."""
-    return setup.zero_stage == 3
-
-
 def _dtype_name(width_bytes: int) -> str:
     return "fp32" if width_bytes == 4 else "bf16/fp16"
 
@@ -425,7 +428,7 @@ def attention_terms(setup: TrainingSetup) -> list[SavedTensor]:
     w = _width(setup)
     d = _dtype_name(w)
     h, heads = a.hidden, a.num_heads
-    z3 = _zero3_linear(setup)  # DeepSpeed's ZeRO-3 linear saves a frozen Linear's input too
+    z3 = zero3_linear_saves_inputs(setup)  # DeepSpeed's ZeRO-3 linear saves a frozen Linear's input too
     terms = _norm_terms(a, "attention", "input_layernorm", w, h, "hidden", t.full)
     if t.full or t.qkv_lora or z3:
         terms.append(SavedTensor("attention", "q/k/v projections' input", "[hidden]", d,
@@ -489,6 +492,10 @@ def _sdpa_terms(a: Arch, w: int) -> list[SavedTensor]:
     ]
 
 
+#: The term of ``adapter_terms`` that fp32 adapters add (the ``adapters`` note sums it).
+UPCAST_INPUTS = "LoRA inputs upcast to fp32"
+
+
 def _adapter_in_features(a: Arch, group: str, name: str) -> int:
     """The input width of an adapted Linear: what its LoRA A reads."""
     if name == "q_b_proj":
@@ -516,7 +523,7 @@ def adapter_terms(setup: TrainingSetup, block: str, groups: tuple[str, ...]) -> 
     terms = [SavedTensor(block, f"LoRA A outputs x {len(adapted)}", f"[r={r}] each", _dtype_name(aw),
                          "LoRA B's gradient", aw * r * len(adapted))]
     if aw != _width(setup):
-        terms.append(SavedTensor(block, f"LoRA inputs upcast to fp32 x {len(adapted)}", "[in_features] each", "fp32",
+        terms.append(SavedTensor(block, f"{UPCAST_INPUTS} x {len(adapted)}", "[in_features] each", "fp32",
                                  "LoRA A's gradient (fp32 adapters under zero.Init)",
                                  aw * sum(_adapter_in_features(a, group, name) for group, name in adapted)))
     return terms
@@ -528,7 +535,7 @@ def router_terms(setup: TrainingSetup) -> list[SavedTensor]:
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     E, k = a.num_experts, a.experts_per_token
-    trains = t.full or t.router_lora or _zero3_linear(setup)  # ZeRO-3's linear saves a frozen router's input too
+    trains = t.full or t.router_lora or zero3_linear_saves_inputs(setup)  # ZeRO-3's linear saves a frozen router's input too
     if a.router_scoring == "sigmoid" or a.router_fp32:
         # fp32 input, sigmoid scores, the group mask (bool), group top-2 and group indices (int64),
         # the top-k indices (int64) and weights (fp32), the renormalizing sum.
@@ -582,7 +589,7 @@ def ffn_terms(setup: TrainingSetup, layer: LayerArch) -> list[SavedTensor]:
     t = trainability(setup.model, setup.method, setup.lora)
     w = _width(setup)
     d = _dtype_name(w)
-    z3 = _zero3_linear(setup)  # DeepSpeed's ZeRO-3 linear saves a frozen Linear's input too
+    z3 = zero3_linear_saves_inputs(setup)  # DeepSpeed's ZeRO-3 linear saves a frozen Linear's input too
     terms = _norm_terms(a, "mlp", "post_attention_layernorm", w, a.hidden, "hidden", t.full)
     if not layer.moe:
         mlp_trains = t.full or t.mlp_lora or z3
@@ -661,14 +668,13 @@ def lora_merged_expert_bytes(setup: TrainingSetup) -> int:
     t = trainability(setup.model, setup.method, setup.lora)
     if not t.experts_lora:
         return 0
-    merged = _width(setup) * model_facts(setup.model).num_expert_params_per_layer
+    f = model_facts(setup.model)
+    merged = _width(setup) * f.num_expert_params_per_layer
     if _adapter_width(setup) == _width(setup):
         return merged
     # fp32 adapters (moekit.traps.adapter_precision): the baddbmm runs on 16-bit copies of A and B, which it keeps.
-    a = model_facts(setup.model).arch
-    sides = {"gate_up_proj": a.hidden + 2 * a.expert_ffn, "down_proj": a.expert_ffn + a.hidden}
-    adapted = sum(sides.get(name, 0) for group, name in t.adapted if group == "experts")
-    return merged + _width(setup) * a.num_experts * setup.lora.r * adapted
+    num_moe_layers = sum(layer.moe for layer in f.layers)
+    return merged + _width(setup) * _num_expert_lora_params(setup.model, setup.lora) // num_moe_layers
 
 
 def layer_bytes(setup: TrainingSetup, layer: LayerArch) -> int:
@@ -726,7 +732,7 @@ def outside_layers_bytes_per_token(setup: TrainingSetup) -> int:
         # layer's input norm is not needed, which cancels the final norm's fp32 copy.
         lm_head_input = 0 if setup.loss_impl == "chunked" else w * f.hidden  # cut-cross-entropy saves it itself
         total += norm_saved_bytes(a, f.hidden, w, True) + lm_head_input
-    elif _zero3_linear(setup) and setup.loss_impl == "hf":
+    elif zero3_linear_saves_inputs(setup) and setup.loss_impl == "hf":
         total += w * f.hidden  # a frozen lm_head's input, which DeepSpeed's ZeRO-3 linear saves
     if setup.activation_checkpointing:
         # ... and the first layer's input norm, which frozen embeddings otherwise spare, is recomputed.
@@ -866,8 +872,9 @@ def zero3_gathered_bytes(setup: TrainingSetup) -> int:
     prefetched = min(knobs.stage3_prefetch_bucket_size, knobs.stage3_max_live_parameters, f.second_largest_module_params)
     gathered = max(f.largest_module_params + prefetched, zero3_kept_gathered_params(setup))
     # fp32 adapters (moekit.traps.adapter_precision) gather at 4 bytes: at most all of them are among the gathered
-    fp32_adapters = min(gathered, num_trainable_params(setup, f)) if _adapter_width(setup) > _width(setup) else 0
-    return _width(setup) * gathered + (_adapter_width(setup) - _width(setup)) * fp32_adapters
+    width, adapter_width = _width(setup), _adapter_width(setup)
+    fp32_adapters = min(gathered, num_trainable_params(setup, f)) if adapter_width > width else 0
+    return width * gathered + (adapter_width - width) * fp32_adapters
 
 
 def zero3_prefetch_flat_bytes(setup: TrainingSetup) -> int:
@@ -1036,12 +1043,13 @@ def trap_notes(setup: TrainingSetup, f: ModelFacts, router_loss: int, tokens: in
         "router_aux_loss": router_aux_loss_note(setup, router_loss),
         "optimizer": optimizer_note(setup.optimizer),
     }
-    upcast_per_token = [sum(t.bytes_per_token for t in layer_terms(setup, layer) if "upcast to fp32" in t.tensor)
-                        for layer in f.layers]
-    upcast = tokens * (max(upcast_per_token) if setup.activation_checkpointing else sum(upcast_per_token))
-    adapters = adapter_note(setup, f.arch.model_type, upcast)
-    if adapters:
-        notes["adapters"] = adapters
+    if _adapter_width(setup) != _width(setup):  # fp32 adapters: what their inputs' fp32 copies take
+        counts = collections.Counter(f.layers)  # each kind of layer computed once
+        per_kind = {layer: sum(t.bytes_per_token for t in layer_terms(setup, layer) if t.tensor.startswith(UPCAST_INPUTS))
+                    for layer in counts}
+        per_token = max(per_kind.values()) if setup.activation_checkpointing else sum(
+            count * per_kind[layer] for layer, count in counts.items())
+        notes["adapters"] = adapter_note(setup, tokens * per_token)
     if setup.method == "qlora":
         whole = model_facts(setup.model)  # the quantized count is of the whole model
         num_experts = sum(layer.count("experts") for layer in whole.layers)

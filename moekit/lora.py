@@ -366,20 +366,19 @@ def peft_renamed_targets(target_modules: Sequence[str], model_type: str) -> tupl
 
 
 def _refuse_what_peft_renames(names: list[str], inventory: ModelInventory, spec: LoraSpec) -> None:
-    import peft
+    from peft import __version__ as peft_version
 
     linear = [name for name in names if inventory.kind(name) == "linear"]
     try:
         renamed = peft_renamed_targets(linear, inventory.model_type)
     except ValueError as err:  # e.g. gate_proj without up_proj: peft refuses the config itself
-        raise LoraTargetError(f"peft {peft.__version__} refuses these targets on {inventory.model_type}: {err}") from None
+        raise LoraTargetError(f"peft {peft_version} refuses these targets on {inventory.model_type}: {err}") from None
     if not renamed:
         return
-
     components = sorted({inventory.component(name) for name in renamed})
     kept = [t for t in spec.targets if t not in ("all-linear", *components)] or ["attention", "experts"]
     raise LoraTargetError(
-        f"peft {peft.__version__} reads {renamed[0]} on {inventory.model_type} as an expert projection (its "
+        f"peft {peft_version} reads {renamed[0]} on {inventory.model_type} as an expert projection (its "
         f"transformers-4 name conversion) and puts the LoRA on the fused experts instead, so "
         f"{' and '.join(components)} would get no adapter; leave {' and '.join(components)} out of the targets, "
         f"e.g. targets={','.join(dict.fromkeys(kept))}."

@@ -380,13 +380,12 @@ def timeline_from_profiler(prof: torch.profiler.profile, device_type: str = "cpu
                 end = _collective_end(node)
                 if end is not None and fields.alloc_size > 0:
                     collective_ends[(node.start_time_ns, fields.ptr)] = end
-        elif kind == "_ExtraFields_TorchOp":
-            collective = node.name.startswith("c10d::")
-            uses += [(ptr, node.end_time_ns, collective) for ptr in _input_storages(fields.inputs)]
+        else:
+            if kind == "_ExtraFields_TorchOp":
+                collective = node.name.startswith("c10d::")
+                uses += [(ptr, node.end_time_ns, collective) for ptr in _input_storages(fields.inputs)]
             if node.name.startswith(_RANGE_PREFIX):
                 ranges.append((node.name.removeprefix(_RANGE_PREFIX), node.start_time_ns, node.end_time_ns))
-        elif node.name.startswith(_RANGE_PREFIX):
-            ranges.append((node.name.removeprefix(_RANGE_PREFIX), node.start_time_ns, node.end_time_ns))
         stack.extend(node.children)
     first_forward = min((start for name, start, _ in ranges if name == "forward"), default=0)
     handed = _last_use_of_collective_inputs(events, uses, since_ns=first_forward)

@@ -85,6 +85,7 @@ from moekit.breakdown import CATEGORIES, Breakdown
 from moekit.errors import MoekitError
 from moekit.models import as_config, build_model, config_with_layers
 from moekit.training_setup import TrainingSetup
+from moekit.traps import adapter_precision, zero3_linear_saves_inputs
 from moekit.zero_knobs import zero_knobs
 
 #: DeepSpeed ZeRO-1/2 pad the flat parameter buffer to a multiple of this many elements per rank
@@ -247,8 +248,6 @@ def build_for_training(setup: TrainingSetup, device: str = "cpu", *, num_layers:
     model = build_model(config, build_device, seed=seed, dtype=dtype, attn_implementation=setup.attn_implementation)
     if device not in ("fake", "cpu"):
         model = model.to(device)
-    from moekit.traps import adapter_precision
-
     adapter_dtype = DTYPES[adapter_precision(setup, config.model_type)]
     return prepare_for_training(model, setup, working_dtype=dtype, adapter_dtype=adapter_dtype)
 
@@ -724,8 +723,7 @@ class _Progress:
 
 @contextlib.contextmanager
 def _deepspeed_linear(enabled: bool) -> Iterator[None]:
-    """Under ZeRO-3, DeepSpeed's own ``torch.nn.functional.linear`` (zero.Init's ``memory_efficient_linear``, on
-    by default), which saves every Linear's input for backward, a frozen one's too."""
+    """DeepSpeed's own ``torch.nn.functional.linear`` while enabled (``moekit.traps.zero3_linear_saves_inputs``)."""
     if not enabled:
         yield
         return
@@ -779,7 +777,7 @@ def run_step(
             phases["model"] = tracker.categories()
             notify("model")
             tracker.reset_peak()
-            with saved.hooks(), _deepspeed_linear(setup.zero_stage == 3):
+            with saved.hooks(), _deepspeed_linear(zero3_linear_saves_inputs(setup)):
                 # Like moekit.train, the HF Trainer and XTuner: only the loss is kept, so the model's output
                 # (and its 16-bit logits) is freed before backward.
                 loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
@@ -788,7 +786,7 @@ def run_step(
             notify("forward")
             handles += states.install_grad_hooks()
             tracker.reset_peak()
-            with _deepspeed_linear(setup.zero_stage == 3):  # checkpointed layers run forward again here
+            with _deepspeed_linear(zero3_linear_saves_inputs(setup)):  # checkpointed layers run forward again here
                 loss.backward()
             if zero3 is not None:
                 zero3.release_all()

@@ -224,6 +224,13 @@ def resolved_load_path(setup: TrainingSetup, model_type: str) -> str:
     return "zero_init" if setup.zero_stage == 3 else "from_pretrained"
 
 
+def zero3_linear_saves_inputs(setup: TrainingSetup) -> bool:
+    """Whether DeepSpeed's ZeRO-3 linear runs every ``F.linear``: zero.Init (``memory_efficient_linear``, on by
+    default) installs ``zero3_linear_wrap``, whose ``LinearFunctionForZeroStage3`` saves its input whether or not
+    the weight trains (deepspeed/runtime/zero/linear.py)."""
+    return setup.zero_stage == 3
+
+
 def adapter_precision(setup: TrainingSetup, model_type: str) -> str:
     """The dtype LoRA adapters train in under the DeepSpeed engine.
 
@@ -239,10 +246,8 @@ def adapter_precision(setup: TrainingSetup, model_type: str) -> str:
     return setup.precision
 
 
-def adapter_note(setup: TrainingSetup, model_type: str, upcast_bytes: int) -> str | None:
-    """What the fp32 adapters of ``adapter_precision`` cost; None when the adapters train in the working dtype."""
-    if adapter_precision(setup, model_type) == setup.precision:
-        return None
+def adapter_note(setup: TrainingSetup, upcast_bytes: int) -> str:
+    """What the fp32 adapters of ``adapter_precision`` cost: upcast_bytes of fp32 input copies."""
     where = "in the recomputed layer" if setup.activation_checkpointing else "over the layers"
     return (f"LoRA adapters train in fp32 here: peft upcasts them (get_peft_model's autocast_adapter_dtype) and "
             f"DeepSpeed leaves a zero.Init model's parameters as they are, so each adapted Linear keeps an fp32 copy "
