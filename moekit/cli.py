@@ -616,6 +616,7 @@ def _run_measure_engine(setup, args: argparse.Namespace) -> None:
     if args.layers is not None or args.snapshot is not None or args.device is not None:
         raise MoekitError("--engine deepspeed runs the whole model on every rank's own device; drop --layers, --snapshot "
                           "and --device (or use --engine harness).")
+    import_deepspeed_logging_to_stderr()  # measure_engine asks DeepSpeed's accelerator: --json stays pure JSON
     result = measure_engine(setup, steps=args.steps, progress=not args.json)
     if args.json:
         print_json({"ranks": [{"rank": r.rank, "phase_peak_bytes": r.phase_peak_bytes, "cuda": r.cuda,
