@@ -78,6 +78,8 @@ LORA_FLAGS = {"r": "--r", "alpha": "--alpha", "dropout": "--dropout", "targets":
 def lora_spec_from_args(args: argparse.Namespace) -> LoraSpec:
     """The LoraSpec the flags describe (alpha defaults to 2*r); refuses LoRA flags on a full fine-tune."""
     given = [flag for name, flag in LORA_FLAGS.items() if getattr(args, name) is not None]
+    if getattr(args, "no_adapter_upcast", False):
+        given.append("--no-adapter-upcast")
     if given and getattr(args, "method", "lora") == "full":
         raise MoekitError(f"{', '.join(given)} set LoRA, which --method full does not use; drop them or use --method lora.")
     d = LoraSpec()

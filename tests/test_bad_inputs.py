@@ -35,6 +35,8 @@ CLI_CASES = [
     ("dropout-one", ["estimate", "--dropout", "1"], 2, "LoRA dropout must be in [0, 1)"),
     ("lora-rank-with-full", ["estimate", "--method", "full", "--r", "8"], 2, "drop them or use --method lora"),
     ("lora-targets-with-full", ["estimate", "--method", "full", "--targets", "attention"], 2, "--targets set LoRA"),
+    ("adapter-upcast-with-full", ["estimate", "--method", "full", "--no-adapter-upcast"], 2,
+     "--no-adapter-upcast set LoRA"),
     ("offload-zero0", ["estimate", "--offload", "optimizer", "--zero", "0"], 2, "set zero_stage>=1"),
     ("param-offload-zero2", ["estimate", "--offload", "optimizer+params", "--zero", "2"], 2, "use zero_stage=3"),
     ("qlora-zero3", ["estimate", "--method", "qlora", "--zero", "3"], 2, "use zero_stage<=2"),
