@@ -214,15 +214,6 @@ def _num_lora_params(model: str, spec: LoraSpec, num_layers: int) -> int:
     return lora_census(config, spec).num_trainable_params
 
 
-@disk_cached("expert_lora_params", int)
-def _num_expert_lora_params(model: str, spec: LoraSpec) -> int:
-    """LoRA adapter parameters on the fused experts, whole model (rank multipliers of w1+w3 included)."""
-    from moekit.lora import lora_census
-    from moekit.models import as_config
-
-    return lora_census(as_config(model), spec).by_group.get("experts", 0)
-
-
 def num_trainable_params(setup: TrainingSetup, facts: ModelFacts | None = None) -> int:
     """Parameters that get gradients and optimizer state: all of them, or only the LoRA adapters."""
     facts = facts or model_facts(setup.model)
@@ -668,13 +659,14 @@ def lora_merged_expert_bytes(setup: TrainingSetup) -> int:
     t = trainability(setup.model, setup.method, setup.lora)
     if not t.experts_lora:
         return 0
-    f = model_facts(setup.model)
-    merged = _width(setup) * f.num_expert_params_per_layer
+    merged = _width(setup) * model_facts(setup.model).num_expert_params_per_layer
     if _adapter_width(setup) == _width(setup):
         return merged
     # fp32 adapters (moekit.traps.adapter_precision): the baddbmm runs on 16-bit copies of A and B, which it keeps.
-    num_moe_layers = sum(layer.moe for layer in f.layers)
-    return merged + _width(setup) * _num_expert_lora_params(setup.model, setup.lora) // num_moe_layers
+    a = model_facts(setup.model).arch
+    sides = {"gate_up_proj": a.hidden + 2 * a.expert_ffn, "down_proj": a.expert_ffn + a.hidden}
+    adapted = sum(sides.get(name, 0) for group, name in t.adapted if group == "experts")
+    return merged + _width(setup) * a.num_experts * setup.lora.r * adapted
 
 
 def layer_bytes(setup: TrainingSetup, layer: LayerArch) -> int:
